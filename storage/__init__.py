@@ -1,0 +1,29 @@
+"""guildtune storage: the only package that speaks SQL. Imports no torch.
+
+``open_store(path)`` applies the append-only migrations and returns a thread-safe ``Store`` whose
+verbs enforce the data rules: nothing of a member who has not opted in is written, every row
+carries its guild, and ``forget_user`` reaches every table and the adapter registry.
+"""
+
+from __future__ import annotations
+
+from .ids import new_ulid
+from .store import (
+    DELETED,
+    PLACEHOLDER,
+    AdapterVersion,
+    ForgetReport,
+    GuildSettings,
+    LogResult,
+    Run,
+    Store,
+    StoreBusyError,
+    StoreError,
+    open_store,
+    utc_now,
+)
+
+__all__ = [
+    "DELETED", "PLACEHOLDER", "AdapterVersion", "ForgetReport", "GuildSettings", "LogResult",
+    "Run", "Store", "StoreBusyError", "StoreError", "new_ulid", "open_store", "utc_now",
+]

@@ -1,0 +1,177 @@
+"""Append-only schema migrations. Never edit one that has shipped: add the next.
+
+Conventions (from simonw/llm): ``_utc`` columns hold ISO-8601 UTC text with milliseconds,
+``_json`` columns hold JSON, ``_ms`` columns milliseconds. Every table with community data has
+``guild_id``; no query in this package crosses guilds unless it is a per-user verb the user asked
+for (export or forget across all guilds).
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("guildtune")
+
+
+def _run_script(db: Database, script: str) -> None:
+    """Run DDL statement by statement: ``executescript`` would COMMIT the migration's transaction."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    for statement in "\n".join(lines).split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    """The consent-gated store: settings, consents, what was said, feedback, the run queue and
+    the adapter registry."""
+    _run_script(
+        db,
+        """
+        -- Per-guild switches set by the guild's admins. Training stays off until an admin turns
+        -- it on (and the operator has enabled training in config).
+        CREATE TABLE guild_settings (
+            guild_id INTEGER PRIMARY KEY,
+            training_enabled INTEGER NOT NULL DEFAULT 0,
+            logging_enabled INTEGER NOT NULL DEFAULT 1,
+            learn_from_humans INTEGER NOT NULL DEFAULT 0,
+            schedule TEXT,
+            persona TEXT,
+            channels_json TEXT NOT NULL DEFAULT '[]',
+            updated_utc TEXT NOT NULL
+        );
+
+        -- A member's opt-in. Revoking deletes the row; nothing of a user without a row is stored.
+        CREATE TABLE consents (
+            guild_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            scope TEXT NOT NULL DEFAULT 'train' CHECK (scope IN ('train', 'import')),
+            granted_utc TEXT NOT NULL,
+            PRIMARY KEY (guild_id, user_id)
+        );
+
+        -- Human messages of consented members (imported history, or live chat when the guild
+        -- learns from how members answer each other). reply_to links a reply to its parent.
+        CREATE TABLE messages (
+            guild_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            channel_id INTEGER NOT NULL DEFAULT 0,
+            user_id INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            reply_to_message_id INTEGER,
+            source TEXT NOT NULL DEFAULT 'discord',
+            created_utc TEXT NOT NULL,
+            PRIMARY KEY (guild_id, message_id)
+        );
+        CREATE INDEX messages_user ON messages (guild_id, user_id);
+        CREATE INDEX messages_reply_to ON messages (guild_id, reply_to_message_id);
+
+        -- One bot exchange with a consented member: the context the model saw (non-consented
+        -- authors already replaced by a placeholder) and the reply it gave.
+        CREATE TABLE interactions (
+            id TEXT PRIMARY KEY,
+            guild_id INTEGER NOT NULL,
+            channel_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            request_message_id INTEGER,
+            reply_message_id INTEGER,
+            context_json TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            adapter_version INTEGER,
+            tokens_in INTEGER NOT NULL DEFAULT 0,
+            tokens_out INTEGER NOT NULL DEFAULT 0,
+            latency_ms REAL NOT NULL DEFAULT 0,
+            created_utc TEXT NOT NULL,
+            updated_utc TEXT NOT NULL
+        );
+        CREATE INDEX interactions_guild_time ON interactions (guild_id, created_utc);
+        CREATE INDEX interactions_user ON interactions (guild_id, user_id);
+        CREATE INDEX interactions_request ON interactions (guild_id, request_message_id);
+        CREATE INDEX interactions_reply ON interactions (guild_id, reply_message_id);
+
+        -- A rating of a bot reply; one per member and interaction (a new one replaces it).
+        CREATE TABLE feedback (
+            interaction_id TEXT NOT NULL REFERENCES interactions (id) ON DELETE CASCADE,
+            guild_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            created_utc TEXT NOT NULL,
+            PRIMARY KEY (interaction_id, user_id)
+        );
+        CREATE INDEX feedback_user ON feedback (guild_id, user_id);
+
+        -- A better reply written by a member for an interaction: a weighted training target.
+        CREATE TABLE corrections (
+            id TEXT PRIMARY KEY,
+            interaction_id TEXT NOT NULL REFERENCES interactions (id) ON DELETE CASCADE,
+            guild_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            created_utc TEXT NOT NULL
+        );
+        CREATE INDEX corrections_interaction ON corrections (interaction_id);
+        CREATE INDEX corrections_user ON corrections (guild_id, user_id);
+
+        -- The training queue. The row is the truth: a worker holds a lease it renews with
+        -- heartbeats; a run whose lease expired is recovered as failed (and retried once).
+        CREATE TABLE training_runs (
+            id INTEGER PRIMARY KEY,
+            guild_id INTEGER NOT NULL,
+            trigger TEXT NOT NULL,
+            requested_by INTEGER,
+            force INTEGER NOT NULL DEFAULT 0,
+            attempt INTEGER NOT NULL DEFAULT 1,
+            status TEXT NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'rejected')),
+            worker TEXT,
+            lease_expires_utc TEXT,
+            heartbeat_utc TEXT,
+            progress_json TEXT,
+            metrics_json TEXT,
+            error TEXT,
+            version INTEGER,
+            created_utc TEXT NOT NULL,
+            started_utc TEXT,
+            finished_utc TEXT
+        );
+        -- At most one queued or running run per guild: deduplication held by the database.
+        CREATE UNIQUE INDEX training_runs_one_open ON training_runs (guild_id)
+            WHERE status IN ('queued', 'running');
+        CREATE INDEX training_runs_guild ON training_runs (guild_id, id);
+
+        -- Published adapter versions of a guild. tainted_utc marks a version trained on data of
+        -- a member who has since asked to be forgotten; it is never rolled back to.
+        CREATE TABLE adapter_versions (
+            guild_id INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'candidate'
+                CHECK (status IN ('candidate', 'active', 'retired', 'rejected', 'tainted')),
+            base_model TEXT NOT NULL,
+            lora_json TEXT NOT NULL,
+            metrics_json TEXT NOT NULL DEFAULT '{}',
+            config_json TEXT NOT NULL DEFAULT '{}',
+            data_fingerprint TEXT NOT NULL DEFAULT '',
+            n_examples INTEGER NOT NULL DEFAULT 0,
+            run_id INTEGER,
+            created_utc TEXT NOT NULL,
+            activated_utc TEXT,
+            tainted_utc TEXT,
+            PRIMARY KEY (guild_id, version)
+        );
+        CREATE UNIQUE INDEX adapter_versions_one_active ON adapter_versions (guild_id)
+            WHERE status = 'active';
+
+        -- Whose data each version was trained on, so that forgetting reaches the model.
+        CREATE TABLE adapter_contributors (
+            guild_id INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            n_examples INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (guild_id, version, user_id),
+            FOREIGN KEY (guild_id, version) REFERENCES adapter_versions (guild_id, version)
+                ON DELETE CASCADE
+        );
+        CREATE INDEX adapter_contributors_user ON adapter_contributors (user_id);
+        """
+    )

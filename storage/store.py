@@ -1,0 +1,934 @@
+"""The store: every read and write of community data, as narrow verbs over one SQLite file.
+
+Threading: each thread gets its own connection (sqlite3 connections cannot cross threads), all
+opened with WAL, ``foreign_keys=ON`` and a busy timeout. Writes run in ``BEGIN IMMEDIATE``
+transactions, so a writer waits for the lock up front instead of failing half-way; when the
+database stays locked past the busy timeout, the write is retried, then ``StoreBusyError`` says so
+(never a silent drop).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from sqlite_utils import Database
+
+from .ids import new_ulid
+from .migrations import migrations
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PLACEHOLDER = "[message from a member who has not opted in]"
+DELETED = "[deleted message]"
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
+MAX_TEXT_CHARS = 8000  # longer texts are cut; Discord's own limit is 4,000 for Nitro users
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot be done; the message says why."""
+
+
+class StoreBusyError(StoreError):
+    """The database stayed locked by another connection past the busy timeout and retries."""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _utc(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _clip(text: str) -> str:
+    # NUL bytes are legal in SQLite TEXT but break most tools that read it back.
+    return text.replace("\x00", "")[:MAX_TEXT_CHARS]
+
+
+@dataclass(frozen=True)
+class LogResult:
+    """What ``log_interaction`` did: ``stored`` False means nothing was written, and why."""
+
+    stored: bool
+    interaction_id: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    guild_id: int
+    training_enabled: bool = False
+    logging_enabled: bool = True
+    learn_from_humans: bool = False
+    schedule: str | None = None
+    persona: str | None = None
+    channels: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    guild_id: int
+    trigger: str
+    requested_by: int | None
+    force: bool
+    attempt: int
+    status: str
+    worker: str | None
+    lease_expires_utc: str | None
+    heartbeat_utc: str | None
+    progress: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    version: int | None
+    created_utc: str
+    started_utc: str | None
+    finished_utc: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Run:
+        return cls(
+            id=row["id"], guild_id=row["guild_id"], trigger=row["trigger"],
+            requested_by=row["requested_by"], force=bool(row["force"]), attempt=row["attempt"],
+            status=row["status"], worker=row["worker"],
+            lease_expires_utc=row["lease_expires_utc"], heartbeat_utc=row["heartbeat_utc"],
+            progress=json.loads(row["progress_json"]) if row["progress_json"] else None,
+            metrics=json.loads(row["metrics_json"]) if row["metrics_json"] else None,
+            error=row["error"], version=row["version"], created_utc=row["created_utc"],
+            started_utc=row["started_utc"], finished_utc=row["finished_utc"],
+        )
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    guild_id: int
+    version: int
+    path: str
+    status: str
+    base_model: str
+    lora: dict[str, Any]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    data_fingerprint: str
+    n_examples: int
+    run_id: int | None
+    created_utc: str
+    activated_utc: str | None
+    tainted_utc: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> AdapterVersion:
+        return cls(
+            guild_id=row["guild_id"], version=row["version"], path=row["path"],
+            status=row["status"], base_model=row["base_model"],
+            lora=json.loads(row["lora_json"]), metrics=json.loads(row["metrics_json"]),
+            config=json.loads(row["config_json"]), data_fingerprint=row["data_fingerprint"],
+            n_examples=row["n_examples"], run_id=row["run_id"], created_utc=row["created_utc"],
+            activated_utc=row["activated_utc"], tainted_utc=row["tainted_utc"],
+        )
+
+
+@dataclass
+class ForgetReport:
+    """What ``forget_user`` removed, which versions it tainted and which retrains it queued."""
+
+    user_id: int
+    deleted: dict[str, int] = field(default_factory=dict)
+    tainted: list[tuple[int, int]] = field(default_factory=list)
+    retrain_runs: dict[int, int] = field(default_factory=dict)
+    deactivated: list[int] = field(default_factory=list)
+
+    @property
+    def total_deleted(self) -> int:
+        return sum(self.deleted.values())
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _writes(fn: Callable[P, T]) -> Callable[P, T]:
+    """Run a write verb in one BEGIN IMMEDIATE transaction, retrying while the db is locked."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        self: Store = args[0]  # type: ignore[assignment]
+        db = self.db
+        if db.conn.in_transaction:  # nested verb: join the caller's transaction
+            return fn(*args, **kwargs)
+        attempts = self.write_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._transaction(db):
+                    return fn(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc):
+                    raise
+                if attempt == attempts:
+                    raise StoreBusyError(
+                        f"{self.path} is locked by another process: {fn.__name__} waited "
+                        f"{self.busy_timeout_ms} ms x {attempts} tries and wrote nothing; "
+                        "stop the other writer (a long `sqlite3` session?) and retry"
+                    ) from exc
+                log.warning("database locked during %s (try %d/%d), retrying", fn.__name__,
+                            attempt, attempts)
+                time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class Store:
+    """All SQL of guildtune. Safe to share between threads (one connection per thread)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
+                 write_retries: int = 3) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.write_retries = write_retries
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection, opened on first use."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
+                                   isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # WAL + NORMAL: a killed process loses nothing committed; only power loss can drop
+            # the last transactions, which FULL would cost ~6x in write throughput to prevent.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            db = Database(conn)
+            self._local.db = db
+            with self._lock:
+                self._all.append(conn)
+        return db
+
+    @contextmanager
+    def _transaction(self, db: Database) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations (under the write lock, so two processes cannot race)."""
+        db = self.db
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        with self._transaction(db):
+            pending = [m.name for m in migrations.pending(db)]
+            migrations.apply(db)
+        return pending
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.ProgrammingError:  # closed from its own thread already
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        cur = self.db.execute(sql, list(params))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        row = self.db.execute(sql, list(params)).fetchone()
+        return row[0] if row else None
+
+    # -- guild settings ------------------------------------------------------------------------
+
+    def guild_settings(self, guild_id: int) -> GuildSettings:
+        row = self._one("SELECT * FROM guild_settings WHERE guild_id = ?", [guild_id])
+        if row is None:
+            return GuildSettings(guild_id)
+        return GuildSettings(
+            guild_id, bool(row["training_enabled"]), bool(row["logging_enabled"]),
+            bool(row["learn_from_humans"]), row["schedule"], row["persona"],
+            tuple(json.loads(row["channels_json"])),
+        )
+
+    @_writes
+    def update_guild_settings(self, guild_id: int, **changes: Any) -> GuildSettings:
+        """Change some of: training_enabled, logging_enabled, learn_from_humans, schedule,
+        persona, channels."""
+        allowed = {"training_enabled", "logging_enabled", "learn_from_humans", "schedule",
+                   "persona", "channels"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise StoreError(f"unknown guild settings: {', '.join(sorted(unknown))}")
+        row: dict[str, Any] = {"guild_id": guild_id, "updated_utc": utc_now()}
+        for key, value in changes.items():
+            if key == "channels":
+                row["channels_json"] = json.dumps(sorted({int(c) for c in value}))
+            elif key in ("training_enabled", "logging_enabled", "learn_from_humans"):
+                row[key] = int(bool(value))
+            else:
+                row[key] = value
+        self.db["guild_settings"].upsert(row, pk="guild_id")
+        return self.guild_settings(guild_id)
+
+    def guild_ids(self) -> list[int]:
+        """Every guild the store knows of (settings, consents, data or versions)."""
+        rows = self.db.execute(
+            "SELECT guild_id FROM guild_settings UNION SELECT guild_id FROM consents "
+            "UNION SELECT guild_id FROM interactions UNION SELECT guild_id FROM messages "
+            "UNION SELECT guild_id FROM adapter_versions ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
+
+    # -- consent -------------------------------------------------------------------------------
+
+    @_writes
+    def grant_consent(self, guild_id: int, user_id: int, scope: str = "train") -> bool:
+        """Opt a member in. Returns False when they already were."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
+            "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
+        return cur.rowcount == 1
+
+    @_writes
+    def revoke_consent(self, guild_id: int, user_id: int) -> bool:
+        """Opt a member out (stored data stays until they use forget). False if not opted in."""
+        cur = self.db.execute("DELETE FROM consents WHERE guild_id = ? AND user_id = ?",
+                              [guild_id, user_id])
+        return cur.rowcount == 1
+
+    def has_consent(self, guild_id: int, user_id: int) -> bool:
+        return self._scalar("SELECT 1 FROM consents WHERE guild_id = ? AND user_id = ?",
+                            [guild_id, user_id]) is not None
+
+    def consented_users(self, guild_id: int) -> set[int]:
+        rows = self.db.execute("SELECT user_id FROM consents WHERE guild_id = ?", [guild_id])
+        return {r[0] for r in rows}
+
+    def redact_context(self, guild_id: int, context: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The context as it may be stored: text and ids of non-consented authors replaced.
+
+        Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text"}``; the bot's
+        own turns (role assistant) are kept.
+        """
+        consented = self.consented_users(guild_id)
+        out = []
+        for entry in context:
+            role = entry.get("role", "user")
+            author = entry.get("author_id")
+            if role == "assistant" or (author is not None and int(author) in consented):
+                out.append({"role": role,
+                            "author_id": None if author is None else str(author),
+                            "message_id": None if entry.get("message_id") is None
+                            else str(entry["message_id"]),
+                            "text": _clip(str(entry.get("text", "")))})
+            else:
+                out.append({"role": "user", "author_id": None, "message_id": None,
+                            "text": PLACEHOLDER})
+        return out
+
+    # -- interactions and messages -------------------------------------------------------------
+
+    @_writes
+    def log_interaction(self, guild_id: int, channel_id: int, user_id: int, *,
+                        context: list[dict[str, Any]], reply: str,
+                        request_message_id: int | None = None,
+                        reply_message_id: int | None = None,
+                        adapter_version: int | None = None, tokens_in: int = 0,
+                        tokens_out: int = 0, latency_ms: float = 0.0) -> LogResult:
+        """Store one exchange, only if the guild logs and the member has opted in."""
+        if not self.guild_settings(guild_id).logging_enabled:
+            return LogResult(False, reason="logging is off in this guild")
+        if not self.has_consent(guild_id, user_id):
+            return LogResult(False, reason="the member has not opted in")
+        now = utc_now()
+        iid = new_ulid()
+        self.db["interactions"].insert({
+            "id": iid, "guild_id": guild_id, "channel_id": channel_id, "user_id": user_id,
+            "request_message_id": request_message_id, "reply_message_id": reply_message_id,
+            "context_json": json.dumps(self.redact_context(guild_id, context)),
+            "reply": _clip(reply), "adapter_version": adapter_version,
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "latency_ms": latency_ms,
+            "created_utc": now, "updated_utc": now,
+        })
+        return LogResult(True, iid)
+
+    def log_interactions(self, items: Iterable[dict[str, Any]]) -> list[LogResult]:
+        """Many ``log_interaction`` calls (keyword dicts) in one transaction."""
+        results: list[LogResult] = []
+
+        @_writes
+        def batch(store: Store) -> None:
+            for item in items:
+                results.append(store.log_interaction(**item))
+
+        batch(self)
+        return results
+
+    @_writes
+    def set_reply_message(self, guild_id: int, interaction_id: str, reply_message_id: int) -> None:
+        self.db.execute("UPDATE interactions SET reply_message_id = ?, updated_utc = ? "
+                        "WHERE guild_id = ? AND id = ?",
+                        [reply_message_id, utc_now(), guild_id, interaction_id])
+
+    def interaction_for_message(self, guild_id: int, message_id: int) -> dict[str, Any] | None:
+        """The interaction whose bot reply (or request) is this Discord message."""
+        return self._one(
+            "SELECT * FROM interactions WHERE guild_id = ? AND "
+            "(reply_message_id = ? OR request_message_id = ?) ORDER BY created_utc DESC LIMIT 1",
+            [guild_id, message_id, message_id])
+
+    def get_interaction(self, guild_id: int, interaction_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM interactions WHERE guild_id = ? AND id = ?",
+                         [guild_id, interaction_id])
+
+    @_writes
+    def log_message(self, guild_id: int, message_id: int, user_id: int, text: str, *,
+                    channel_id: int = 0, reply_to_message_id: int | None = None,
+                    created_utc: str | None = None, source: str = "discord") -> bool:
+        """Store a human message, only if its author has opted in. Returns whether it did."""
+        if not self.has_consent(guild_id, user_id):
+            return False
+        self.db.execute(
+            "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
+            "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [guild_id, message_id, channel_id, user_id, _clip(text), reply_to_message_id, source,
+             created_utc or utc_now()])
+        return True
+
+    @_writes
+    def import_messages(self, guild_id: int, rows: Iterable[dict[str, Any]]) -> int:
+        """Load history the operator asserts consent for (scope 'import'); returns rows stored.
+
+        Each row: message_id, user_id, text, and optionally channel_id, reply_to_message_id,
+        created_utc.
+        """
+        now = utc_now()
+        n = 0
+        authors: set[int] = set()
+        batch: list[tuple[Any, ...]] = []
+        for r in rows:
+            authors.add(int(r["user_id"]))
+            batch.append((guild_id, int(r["message_id"]), int(r.get("channel_id") or 0),
+                          int(r["user_id"]), _clip(str(r["text"])), r.get("reply_to_message_id"),
+                          "import", r.get("created_utc") or now))
+            n += 1
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
+            "VALUES (?, ?, 'import', ?)", [(guild_id, a, now) for a in sorted(authors)])
+        self.db.conn.executemany(
+            "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
+            "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        return n
+
+    # -- feedback and corrections --------------------------------------------------------------
+
+    @_writes
+    def record_feedback(self, guild_id: int, message_id: int, user_id: int, rating: int) -> bool:
+        """A member rates the bot reply in Discord message ``message_id`` (+1 or -1).
+
+        Stores nothing (returns False) when the member has not opted in or the reply was not
+        logged. A new rating by the same member replaces the old one.
+        """
+        if rating not in (-1, 1):
+            raise StoreError(f"rating must be +1 or -1, not {rating!r}")
+        if not self.has_consent(guild_id, user_id):
+            return False
+        iid = self._scalar("SELECT id FROM interactions WHERE guild_id = ? AND "
+                           "reply_message_id = ?", [guild_id, message_id])
+        if iid is None:
+            return False
+        self.db.execute(
+            "INSERT OR REPLACE INTO feedback (interaction_id, guild_id, user_id, rating, "
+            "created_utc) VALUES (?, ?, ?, ?, ?)", [iid, guild_id, user_id, rating, utc_now()])
+        return True
+
+    @_writes
+    def remove_feedback(self, guild_id: int, message_id: int, user_id: int,
+                        rating: int | None = None) -> bool:
+        """Remove a member's rating (only that rating if given: removing 👎 keeps a 👍)."""
+        sql = ("DELETE FROM feedback WHERE guild_id = ? AND user_id = ? AND interaction_id IN "
+               "(SELECT id FROM interactions WHERE guild_id = ? AND reply_message_id = ?)")
+        params: list[Any] = [guild_id, user_id, guild_id, message_id]
+        if rating is not None:
+            sql += " AND rating = ?"
+            params.append(rating)
+        return self.db.execute(sql, params).rowcount > 0
+
+    @_writes
+    def add_correction(self, guild_id: int, interaction_id: str, user_id: int,
+                       text: str) -> str | None:
+        """A member's better reply for an interaction; None when nothing was stored."""
+        text = _clip(text).strip()
+        if not text or not self.has_consent(guild_id, user_id):
+            return None
+        if self.get_interaction(guild_id, interaction_id) is None:
+            return None
+        cid = new_ulid()
+        self.db["corrections"].insert({"id": cid, "interaction_id": interaction_id,
+                                       "guild_id": guild_id, "user_id": user_id, "text": text,
+                                       "created_utc": utc_now()})
+        return cid
+
+    # -- Discord deletes and edits -------------------------------------------------------------
+
+    def _rewrite_contexts(self, guild_id: int, needle: str,
+                          fix: Callable[[dict[str, Any]], dict[str, Any] | None]) -> int:
+        """Apply ``fix`` to context entries of the guild's interactions that mention ``needle``."""
+        n = 0
+        for row in self._rows("SELECT id, context_json FROM interactions WHERE guild_id = ? "
+                              "AND instr(context_json, ?) > 0", [guild_id, needle]):
+            ctx = json.loads(row["context_json"])
+            new = [fix(e) or e for e in ctx]
+            if new != ctx:
+                self.db.execute("UPDATE interactions SET context_json = ?, updated_utc = ? "
+                                "WHERE id = ?", [json.dumps(new), utc_now(), row["id"]])
+                n += 1
+        return n
+
+    @_writes
+    def delete_message(self, guild_id: int, message_id: int) -> int:
+        """A Discord message was deleted: remove everything stored from it. Returns rows hit."""
+        n = self.db.execute("DELETE FROM interactions WHERE guild_id = ? AND "
+                            "(request_message_id = ? OR reply_message_id = ?)",
+                            [guild_id, message_id, message_id]).rowcount
+        n += self.db.execute("DELETE FROM messages WHERE guild_id = ? AND message_id = ?",
+                             [guild_id, message_id]).rowcount
+        mid = str(message_id)
+        n += self._rewrite_contexts(
+            guild_id, f'"{mid}"',
+            lambda e: {"role": e["role"], "author_id": None, "message_id": None,
+                       "text": DELETED} if e.get("message_id") == mid else None)
+        return n
+
+    @_writes
+    def edit_message(self, guild_id: int, message_id: int, text: str) -> int:
+        """A Discord message was edited: update the stored copies. Returns rows hit."""
+        text = _clip(text)
+        n = self.db.execute("UPDATE messages SET text = ? WHERE guild_id = ? AND message_id = ?",
+                            [text, guild_id, message_id]).rowcount
+        mid = str(message_id)
+        n += self._rewrite_contexts(
+            guild_id, f'"{mid}"',
+            lambda e: {**e, "text": text} if e.get("message_id") == mid else None)
+        return n
+
+    # -- forget, export, retention -------------------------------------------------------------
+
+    @_writes
+    def forget_user(self, user_id: int, guild_id: int | None = None, *,
+                    strict: bool = False) -> ForgetReport:
+        """Delete every row of a member (in one guild, or everywhere) in one transaction.
+
+        Adapter versions trained on their data are marked tainted and a retrain without it is
+        queued for each affected guild. With ``strict``, a tainted active version is replaced at
+        once by the newest clean version, or the base model.
+        """
+        report = ForgetReport(user_id)
+        where_g = "" if guild_id is None else " AND guild_id = ?"
+        gp: list[Any] = [] if guild_id is None else [guild_id]
+        now = utc_now()
+        tainted = [(r["guild_id"], r["version"]) for r in self._rows(
+            "SELECT DISTINCT guild_id, version FROM adapter_contributors WHERE user_id = ?"
+            + where_g, [user_id, *gp])]
+        for g, v in tainted:
+            self.db.execute(
+                "UPDATE adapter_versions SET tainted_utc = coalesce(tainted_utc, ?), "
+                "status = CASE WHEN status = 'active' THEN status ELSE 'tainted' END "
+                "WHERE guild_id = ? AND version = ?", [now, g, v])
+        report.tainted = tainted
+        # Contexts of other members' interactions that quote this member.
+        uid = str(user_id)
+        guilds_ctx = [r[0] for r in self.db.execute(
+            "SELECT DISTINCT guild_id FROM interactions WHERE instr(context_json, ?) > 0"
+            + where_g, [f'"{uid}"', *gp]).fetchall()]
+        scrubbed = 0
+        for g in guilds_ctx:
+            scrubbed += self._rewrite_contexts(
+                g, f'"{uid}"',
+                lambda e: {"role": "user", "author_id": None, "message_id": None,
+                           "text": PLACEHOLDER} if e.get("author_id") == uid else None)
+        report.deleted["contexts_scrubbed"] = scrubbed
+        for table in ("adapter_contributors", "feedback", "corrections", "interactions",
+                      "messages", "consents"):
+            report.deleted[table] = self.db.execute(
+                f"DELETE FROM {table} WHERE user_id = ?" + where_g, [user_id, *gp]).rowcount
+        self.db.execute("UPDATE training_runs SET requested_by = NULL WHERE requested_by = ?"
+                        + where_g, [user_id, *gp])
+        for g in sorted({g for g, _ in tainted}):
+            run_id, _ = self.enqueue_run(g, "forget")
+            report.retrain_runs[g] = run_id
+            if strict:
+                active = self.active_version(g)
+                if active is not None and active.tainted_utc is not None:
+                    self.rollback(g)
+                    report.deactivated.append(g)
+        return report
+
+    def export_user(self, user_id: int, guild_id: int | None = None) -> dict[str, Any]:
+        """Everything stored of a member, as a JSON-able dict (the /mydata file)."""
+        where_g = "" if guild_id is None else " AND guild_id = ?"
+        gp: list[Any] = [] if guild_id is None else [guild_id]
+        out: dict[str, Any] = {"user_id": str(user_id), "exported_utc": utc_now(),
+                               "guild_id": None if guild_id is None else str(guild_id)}
+        for table in ("consents", "messages", "interactions", "feedback", "corrections"):
+            rows = self._rows(f"SELECT * FROM {table} WHERE user_id = ?{where_g} ORDER BY rowid",
+                              [user_id, *gp])
+            for r in rows:
+                if "context_json" in r:
+                    r["context"] = json.loads(r.pop("context_json"))
+                for k, v in list(r.items()):
+                    if k.endswith("_id") and isinstance(v, int):
+                        r[k] = str(v)  # Discord snowflakes exceed JavaScript's safe integers
+            out[table] = rows
+        out["adapter_versions_trained_on_your_data"] = [
+            {"guild_id": str(r["guild_id"]), "version": r["version"]} for r in self._rows(
+                "SELECT guild_id, version FROM adapter_contributors WHERE user_id = ?" + where_g,
+                [user_id, *gp])]
+        return out
+
+    @_writes
+    def purge_older_than(self, days: int, now: datetime | None = None) -> dict[str, int]:
+        """Retention: delete interactions and messages older than ``days`` (0 keeps all)."""
+        if days <= 0:
+            return {}
+        cutoff = _utc((now or datetime.now(UTC)) - timedelta(days=days))
+        return {
+            "interactions": self.db.execute("DELETE FROM interactions WHERE created_utc < ?",
+                                            [cutoff]).rowcount,
+            "messages": self.db.execute("DELETE FROM messages WHERE created_utc < ?",
+                                        [cutoff]).rowcount,
+        }
+
+    # -- the training queue --------------------------------------------------------------------
+
+    @_writes
+    def enqueue_run(self, guild_id: int, trigger: str, requested_by: int | None = None,
+                    force: bool = False, attempt: int = 1) -> tuple[int, bool]:
+        """Queue a training run. Returns (run id, created): an open run of the guild is reused."""
+        existing = self._scalar("SELECT id FROM training_runs WHERE guild_id = ? AND status IN "
+                                "('queued', 'running')", [guild_id])
+        if existing is not None:
+            if force:
+                self.db.execute("UPDATE training_runs SET force = 1 WHERE id = ?", [existing])
+            return existing, False
+        cur = self.db.execute(
+            "INSERT INTO training_runs (guild_id, trigger, requested_by, force, attempt, status, "
+            "created_utc) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            [guild_id, trigger, requested_by, int(force), attempt, utc_now()])
+        return int(cur.lastrowid or 0), True
+
+    @_writes
+    def claim_run(self, worker: str, lease_seconds: int = 120,
+                  guild_id: int | None = None) -> Run | None:
+        """Atomically take the oldest queued run (optionally of one guild) with a lease."""
+        where_g = "" if guild_id is None else " AND guild_id = ?"
+        row = self._one("SELECT id FROM training_runs WHERE status = 'queued'" + where_g +
+                        " ORDER BY id LIMIT 1", [] if guild_id is None else [guild_id])
+        if row is None:
+            return None
+        now = datetime.now(UTC)
+        self.db.execute(
+            "UPDATE training_runs SET status = 'running', worker = ?, started_utc = ?, "
+            "heartbeat_utc = ?, lease_expires_utc = ? WHERE id = ? AND status = 'queued'",
+            [worker, _utc(now), _utc(now), _utc(now + timedelta(seconds=lease_seconds)),
+             row["id"]])
+        return self.get_run(row["id"])
+
+    @_writes
+    def heartbeat(self, run_id: int, worker: str, lease_seconds: int = 120,
+                  progress: dict[str, Any] | None = None) -> bool:
+        """Renew the lease (and store progress). False when the run is no longer this worker's."""
+        now = datetime.now(UTC)
+        sets = "heartbeat_utc = ?, lease_expires_utc = ?"
+        params: list[Any] = [_utc(now), _utc(now + timedelta(seconds=lease_seconds))]
+        if progress is not None:
+            sets += ", progress_json = ?"
+            params.append(json.dumps(progress))
+        cur = self.db.execute(f"UPDATE training_runs SET {sets} WHERE id = ? AND worker = ? AND "
+                              "status = 'running'", [*params, run_id, worker])
+        return cur.rowcount == 1
+
+    @_writes
+    def finish_run(self, run_id: int, status: str, *, metrics: dict[str, Any] | None = None,
+                   error: str | None = None, version: int | None = None,
+                   worker: str | None = None) -> bool:
+        """Close a run as succeeded, failed or rejected. False if a worker lost its lease."""
+        if status not in ("succeeded", "failed", "rejected"):
+            raise StoreError(f"a run cannot finish as {status!r}")
+        sql = ("UPDATE training_runs SET status = ?, metrics_json = ?, error = ?, version = ?, "
+               "finished_utc = ?, lease_expires_utc = NULL WHERE id = ? AND status = 'running'")
+        params: list[Any] = [status, json.dumps(metrics) if metrics is not None else None,
+                             error, version, utc_now(), run_id]
+        if worker is not None:
+            sql += " AND worker = ?"
+            params.append(worker)
+        return self.db.execute(sql, params).rowcount == 1
+
+    @_writes
+    def recover_stale_runs(self, now: datetime | None = None, max_attempts: int = 2) -> list[int]:
+        """Fail runs whose worker stopped renewing its lease; requeue each once. Returns ids."""
+        stamp = _utc(now or datetime.now(UTC))
+        stale = self._rows("SELECT * FROM training_runs WHERE status = 'running' AND "
+                           "lease_expires_utc < ?", [stamp])
+        for r in stale:
+            self.db.execute(
+                "UPDATE training_runs SET status = 'failed', finished_utc = ?, "
+                "lease_expires_utc = NULL, error = ? WHERE id = ?",
+                [stamp, f"worker {r['worker']} stopped (lease expired {r['lease_expires_utc']})",
+                 r["id"]])
+            if r["attempt"] < max_attempts:
+                self.enqueue_run(r["guild_id"], r["trigger"], r["requested_by"],
+                                 bool(r["force"]), attempt=r["attempt"] + 1)
+        return [r["id"] for r in stale]
+
+    def get_run(self, run_id: int) -> Run | None:
+        row = self._one("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        return Run.from_row(row) if row else None
+
+    def runs(self, guild_id: int, limit: int = 10) -> list[Run]:
+        return [Run.from_row(r) for r in self._rows(
+            "SELECT * FROM training_runs WHERE guild_id = ? ORDER BY id DESC LIMIT ?",
+            [guild_id, limit])]
+
+    def open_run(self, guild_id: int) -> Run | None:
+        row = self._one("SELECT * FROM training_runs WHERE guild_id = ? AND status IN "
+                        "('queued', 'running')", [guild_id])
+        return Run.from_row(row) if row else None
+
+    # -- adapter versions ----------------------------------------------------------------------
+
+    def next_version(self, guild_id: int) -> int:
+        return int(self._scalar("SELECT coalesce(max(version), 0) + 1 FROM adapter_versions "
+                                "WHERE guild_id = ?", [guild_id]))
+
+    @_writes
+    def register_version(self, guild_id: int, version: int, path: str, *, base_model: str,
+                         lora: dict[str, Any], metrics: dict[str, Any] | None = None,
+                         config: dict[str, Any] | None = None, data_fingerprint: str = "",
+                         contributors: dict[int, int] | None = None, run_id: int | None = None,
+                         status: str = "candidate", activate: bool = False) -> AdapterVersion:
+        """Record a published version and whose data it holds; activate it in the same
+        transaction when asked."""
+        self.db["adapter_versions"].insert({
+            "guild_id": guild_id, "version": version, "path": str(path), "status": status,
+            "base_model": base_model, "lora_json": json.dumps(lora, sort_keys=True),
+            "metrics_json": json.dumps(metrics or {}), "config_json": json.dumps(config or {}),
+            "data_fingerprint": data_fingerprint,
+            "n_examples": sum((contributors or {}).values()), "run_id": run_id,
+            "created_utc": utc_now(),
+        })
+        self.db.conn.executemany(
+            "INSERT INTO adapter_contributors (guild_id, version, user_id, n_examples) "
+            "VALUES (?, ?, ?, ?)",
+            [(guild_id, version, int(u), int(n)) for u, n in (contributors or {}).items()])
+        if activate:
+            self.activate_version(guild_id, version)
+        return self.get_version(guild_id, version)  # type: ignore[return-value]
+
+    @_writes
+    def activate_version(self, guild_id: int, version: int) -> AdapterVersion:
+        """Make ``version`` the guild's active one; the previous active one is retired."""
+        target = self.get_version(guild_id, version)
+        if target is None:
+            raise StoreError(f"guild {guild_id} has no adapter version {version}")
+        if target.tainted_utc is not None:
+            raise StoreError(f"version {version} of guild {guild_id} was trained on data of a "
+                             "member who asked to be forgotten; it cannot be activated")
+        self._retire_active(guild_id)
+        self.db.execute("UPDATE adapter_versions SET status = 'active', activated_utc = ? "
+                        "WHERE guild_id = ? AND version = ?", [utc_now(), guild_id, version])
+        return self.get_version(guild_id, version)  # type: ignore[return-value]
+
+    def _retire_active(self, guild_id: int) -> None:
+        self.db.execute(
+            "UPDATE adapter_versions SET status = CASE WHEN tainted_utc IS NULL THEN 'retired' "
+            "ELSE 'tainted' END WHERE guild_id = ? AND status = 'active'", [guild_id])
+
+    @_writes
+    def set_version_status(self, guild_id: int, version: int, status: str) -> None:
+        """Mark a non-active version (e.g. 'rejected' by the evaluation gate)."""
+        if status not in ("candidate", "retired", "rejected"):
+            raise StoreError(f"use activate_version/rollback, not status {status!r}")
+        self.db.execute("UPDATE adapter_versions SET status = ? WHERE guild_id = ? AND "
+                        "version = ? AND status != 'active'", [status, guild_id, version])
+
+    @_writes
+    def rollback(self, guild_id: int) -> AdapterVersion | None:
+        """Retire the active version and activate the newest earlier clean one that was
+        active before. Returns it, or None when the guild is back on the base model."""
+        active = self.active_version(guild_id)
+        below = active.version if active else 1 << 62
+        prev = self._one(
+            "SELECT version FROM adapter_versions WHERE guild_id = ? AND version < ? AND "
+            "tainted_utc IS NULL AND status = 'retired' AND activated_utc IS NOT NULL "
+            "ORDER BY version DESC LIMIT 1", [guild_id, below])
+        self._retire_active(guild_id)
+        if prev is None:
+            return None
+        return self.activate_version(guild_id, prev["version"])
+
+    def get_version(self, guild_id: int, version: int) -> AdapterVersion | None:
+        row = self._one("SELECT * FROM adapter_versions WHERE guild_id = ? AND version = ?",
+                        [guild_id, version])
+        return AdapterVersion.from_row(row) if row else None
+
+    def active_version(self, guild_id: int) -> AdapterVersion | None:
+        row = self._one("SELECT * FROM adapter_versions WHERE guild_id = ? AND "
+                        "status = 'active'", [guild_id])
+        return AdapterVersion.from_row(row) if row else None
+
+    def versions(self, guild_id: int) -> list[AdapterVersion]:
+        return [AdapterVersion.from_row(r) for r in self._rows(
+            "SELECT * FROM adapter_versions WHERE guild_id = ? ORDER BY version", [guild_id])]
+
+    def active_versions(self) -> dict[int, tuple[int, str]]:
+        """guild -> (version, path) of every active version: what the bot should be serving."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(
+            "SELECT guild_id, version, path FROM adapter_versions WHERE status = 'active'")}
+
+    def contributors(self, guild_id: int, version: int) -> dict[int, int]:
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT user_id, n_examples FROM adapter_contributors WHERE guild_id = ? AND "
+            "version = ?", [guild_id, version])}
+
+    # -- reads for the trainer and for status --------------------------------------------------
+
+    def rated_interactions(self, guild_id: int) -> list[dict[str, Any]]:
+        """Interactions of still-consented members with the net rating of still-consented
+        raters (``score``), the raters, and the corrections of still-consented members."""
+        rows = self._rows(
+            "SELECT i.id, i.user_id, i.context_json, i.reply, i.adapter_version, i.created_utc, "
+            "coalesce((SELECT sum(f.rating) FROM feedback f JOIN consents c ON "
+            "  c.guild_id = f.guild_id AND c.user_id = f.user_id WHERE f.interaction_id = i.id),"
+            "  0) AS score, "
+            "(SELECT json_group_array(f.user_id) FROM feedback f JOIN consents c ON "
+            "  c.guild_id = f.guild_id AND c.user_id = f.user_id WHERE f.interaction_id = i.id)"
+            "  AS raters_json "
+            "FROM interactions i JOIN consents c ON c.guild_id = i.guild_id AND "
+            "c.user_id = i.user_id WHERE i.guild_id = ? ORDER BY i.created_utc DESC", [guild_id])
+        corrections: dict[str, list[dict[str, Any]]] = {}
+        for c in self._rows(
+                "SELECT k.interaction_id, k.user_id, k.text, k.created_utc FROM corrections k "
+                "JOIN consents c ON c.guild_id = k.guild_id AND c.user_id = k.user_id "
+                "WHERE k.guild_id = ? ORDER BY k.created_utc DESC", [guild_id]):
+            corrections.setdefault(c["interaction_id"], []).append(c)
+        for r in rows:
+            r["context"] = json.loads(r.pop("context_json"))
+            r["raters"] = json.loads(r.pop("raters_json") or "[]")
+            r["corrections"] = corrections.get(r["id"], [])
+        return rows
+
+    def reply_pairs(self, guild_id: int) -> list[dict[str, Any]]:
+        """(parent message, reply) pairs between two different still-consented members."""
+        return self._rows(
+            "SELECT p.message_id AS parent_id, p.user_id AS parent_user, p.text AS parent_text, "
+            "r.message_id AS reply_id, r.user_id AS reply_user, r.text AS reply_text, "
+            "r.created_utc FROM messages r "
+            "JOIN messages p ON p.guild_id = r.guild_id AND p.message_id = r.reply_to_message_id "
+            "JOIN consents cr ON cr.guild_id = r.guild_id AND cr.user_id = r.user_id "
+            "JOIN consents cp ON cp.guild_id = p.guild_id AND cp.user_id = p.user_id "
+            "WHERE r.guild_id = ? AND r.user_id != p.user_id ORDER BY r.created_utc DESC, "
+            "r.message_id DESC", [guild_id])
+
+    def examples_since(self, guild_id: int, since_utc: str | None) -> int:
+        """New training signal since a time: liked or corrected interactions, and replies
+        between members (the scheduler's 'enough new data' test)."""
+        since = since_utc or ""
+        return int(self._scalar(
+            "SELECT (SELECT count(DISTINCT interaction_id) FROM feedback WHERE guild_id = ? AND "
+            "rating = 1 AND created_utc > ?) + (SELECT count(*) FROM corrections WHERE "
+            "guild_id = ? AND created_utc > ?) + (SELECT count(*) FROM messages WHERE "
+            "guild_id = ? AND reply_to_message_id IS NOT NULL AND created_utc > ?)",
+            [guild_id, since, guild_id, since, guild_id, since]))
+
+    def guild_stats(self, guild_id: int) -> dict[str, Any]:
+        """Counts for status displays."""
+        q = self._scalar
+        active = self.active_version(guild_id)
+        open_run = self.open_run(guild_id)
+        return {
+            "guild_id": guild_id,
+            "consented_users": q("SELECT count(*) FROM consents WHERE guild_id = ?", [guild_id]),
+            "interactions": q("SELECT count(*) FROM interactions WHERE guild_id = ?", [guild_id]),
+            "messages": q("SELECT count(*) FROM messages WHERE guild_id = ?", [guild_id]),
+            "likes": q("SELECT count(*) FROM feedback WHERE guild_id = ? AND rating = 1",
+                       [guild_id]),
+            "dislikes": q("SELECT count(*) FROM feedback WHERE guild_id = ? AND rating = -1",
+                          [guild_id]),
+            "corrections": q("SELECT count(*) FROM corrections WHERE guild_id = ?", [guild_id]),
+            "active_version": active.version if active else None,
+            "open_run": None if open_run is None else
+            {"id": open_run.id, "status": open_run.status, "progress": open_run.progress},
+            "queued_runs": q("SELECT count(*) FROM training_runs WHERE guild_id = ? AND "
+                             "status = 'queued'", [guild_id]),
+            "examples_since_active": self.examples_since(
+                guild_id, active.activated_utc if active else None),
+        }
+
+    def like_rate_by_version(self, guild_id: int) -> list[dict[str, Any]]:
+        """Per adapter version (None = base): rated replies, likes, dislikes, like rate."""
+        rows = self._rows(
+            "SELECT i.adapter_version AS version, sum(f.rating = 1) AS likes, "
+            "sum(f.rating = -1) AS dislikes FROM feedback f JOIN interactions i ON "
+            "i.id = f.interaction_id WHERE f.guild_id = ? GROUP BY i.adapter_version "
+            "ORDER BY i.adapter_version", [guild_id])
+        for r in rows:
+            total = (r["likes"] or 0) + (r["dislikes"] or 0)
+            r["like_rate"] = (r["likes"] or 0) / total if total else None
+        return rows
+
+
+def open_store(path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
+               write_retries: int = 3) -> Store:
+    """Open (creating if needed) the database at ``path`` and apply pending migrations."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(p, busy_timeout_ms=busy_timeout_ms, write_retries=write_retries)
+    try:
+        store.migrate()
+    except sqlite3.DatabaseError as exc:
+        store.close()
+        if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
+            raise StoreBusyError(f"{p} is locked by another process; cannot migrate") from exc
+        raise StoreError(f"{p} is not a usable guildtune database: {exc}") from exc
+    return store
