@@ -347,20 +347,27 @@ class Store:
     def redact_context(self, guild_id: int, context: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The context as it may be stored: text and ids of non-consented authors replaced.
 
-        Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text"}``; the bot's
-        own turns (role assistant) are kept.
+        Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text"}`` and
+        optionally ``created_utc`` (ISO UTC, as ``utc_now``); the bot's own turns are kept.
         """
-        consented = self.consented_users(guild_id)
+        granted = {r[0]: r[1] for r in self.db.execute(
+            "SELECT user_id, granted_utc FROM consents WHERE guild_id = ?", [guild_id])}
         out = []
         for entry in context:
             role = entry.get("role", "user")
             author = entry.get("author_id")
-            if role == "assistant" or (author is not None and int(author) in consented):
+            since = granted.get(int(author)) if author is not None else None
+            # Consent covers what a member says from the moment they opt in: a message written
+            # before that stays a placeholder even when it shows up in a later context.
+            written = entry.get("created_utc")
+            if role == "assistant" or (since is not None and (written is None or
+                                                                written >= since)):
                 out.append({"role": role,
                             "author_id": None if author is None else str(author),
                             "message_id": None if entry.get("message_id") is None
                             else str(entry["message_id"]),
-                            "text": _clip(str(entry.get("text", "")))})
+                            "text": _clip(str(entry.get("text", ""))),
+                            **({"created_utc": written} if written else {})})
             else:
                 out.append({"role": "user", "author_id": None, "message_id": None,
                             "text": PLACEHOLDER})
@@ -544,13 +551,25 @@ class Store:
     def edit_message(self, guild_id: int, message_id: int, text: str) -> int:
         """A Discord message was edited: update the stored copies. Returns rows hit."""
         text = _clip(text)
-        n = self.db.execute("UPDATE messages SET text = ? WHERE guild_id = ? AND message_id = ?",
-                            [text, guild_id, message_id]).rowcount
+        consented = {str(u) for u in self.consented_users(guild_id)}
+        # An author who has opted out since: the new text is not theirs to give, so the stored
+        # copy goes instead of being updated.
+        n = self.db.execute(
+            "DELETE FROM messages WHERE guild_id = ? AND message_id = ? AND user_id NOT IN "
+            "(SELECT user_id FROM consents WHERE guild_id = ?)",
+            [guild_id, message_id, guild_id]).rowcount
+        n += self.db.execute("UPDATE messages SET text = ? WHERE guild_id = ? AND message_id = ?",
+                             [text, guild_id, message_id]).rowcount
         mid = str(message_id)
-        n += self._rewrite_contexts(
-            guild_id, f'"{mid}"',
-            lambda e: {**e, "text": text} if e.get("message_id") == mid else None)
-        return n
+
+        def fix(e: dict[str, Any]) -> dict[str, Any] | None:
+            if e.get("message_id") != mid:
+                return None
+            if e.get("role") == "assistant" or e.get("author_id") in consented:
+                return {**e, "text": text}
+            return {"role": "user", "author_id": None, "message_id": None, "text": PLACEHOLDER}
+
+        return n + self._rewrite_contexts(guild_id, f'"{mid}"', fix)
 
     # -- forget, export, retention -------------------------------------------------------------
 

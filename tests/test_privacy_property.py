@@ -1,0 +1,140 @@
+"""Property: over random event streams, nothing of a member without consent at the time is
+stored, and a forgotten member appears nowhere (every column of every table is scanned)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storage import open_store, utc_now
+
+GUILDS = (111_000_000_000_000_001, 111_000_000_000_000_002)
+USERS = tuple(900_000_000_000_000_001 + k for k in range(4))
+BOT = 555_000_000_000_000_000
+
+guild = st.sampled_from(GUILDS)
+user = st.sampled_from(USERS)
+events = st.lists(st.one_of(
+    st.tuples(st.just("grant"), guild, user),
+    st.tuples(st.just("revoke"), guild, user),
+    st.tuples(st.just("ask"), guild, user),  # a member talks to the bot
+    st.tuples(st.just("chat"), guild, user),  # a member talks to members
+    st.tuples(st.just("react"), guild, user, st.integers(0, 30), st.sampled_from([1, -1])),
+    st.tuples(st.just("unreact"), guild, user, st.integers(0, 30)),
+    st.tuples(st.just("correct"), guild, user, st.integers(0, 30)),
+    st.tuples(st.just("edit"), guild, st.integers(0, 60)),
+    st.tuples(st.just("delete"), guild, st.integers(0, 60)),
+    st.tuples(st.just("forget"), st.one_of(st.none(), guild), user),
+), max_size=60)
+
+
+def _dump(store) -> str:
+    """Every value of every row of every table, as one string."""
+    parts = []
+    for table in store.db.table_names():
+        for row in store.db.execute(f"SELECT * FROM [{table}]").fetchall():
+            parts.extend(str(v) for v in row)
+    return "\x1e".join(parts)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events)
+def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(Path(tmp) / "p.db")
+        consented: set[tuple[int, int]] = set()
+        forbidden: set[str] = set()  # texts written while their author had no consent
+        written: dict[int, set[str]] = {u: set() for u in USERS}
+        forgotten: set[tuple[int | None, int]] = set()
+        messages: list[tuple[int, int]] = []  # (guild, message id) seen so far
+        recent: dict[int, list[tuple[int, int, str, str]]] = {g: [] for g in GUILDS}
+        replies: dict[int, list[int]] = {g: [] for g in GUILDS}
+        counter = 0
+        for g in GUILDS:
+            store.update_guild_settings(g, learn_from_humans=True)
+        for ev in stream:
+            kind = ev[0]
+            counter += 1
+            if kind == "grant":
+                time.sleep(0.002)  # so "before consent" and "after" differ in the timestamps
+                store.grant_consent(ev[1], ev[2])
+                time.sleep(0.002)
+                consented.add((ev[1], ev[2]))
+                forgotten = {f for f in forgotten if f[1] != ev[2]}
+            elif kind == "revoke":
+                store.revoke_consent(ev[1], ev[2])
+                consented.discard((ev[1], ev[2]))
+            elif kind in ("ask", "chat", "correct"):
+                # recent: (author, message id, text, time written)
+                g, u = ev[1], ev[2]
+                text = f"tok{counter:05d}x"
+                (written[u].add(text) if (g, u) in consented else forbidden.add(text))
+                at = utc_now()
+                mid = 700_000_000_000_000_000 + counter
+                if kind == "chat":
+                    store.log_message(g, mid, u, text)
+                elif kind == "ask":
+                    context = [{"role": "user", "author_id": a, "message_id": m, "text": t,
+                                "created_utc": w} for a, m, t, w in recent[g][-3:]]
+                    context.append({"role": "user", "author_id": u, "message_id": mid,
+                                    "text": text, "created_utc": at})
+                    reply_id = 800_000_000_000_000_000 + counter
+                    store.log_interaction(g, 5, u, context=context, reply=f"bot{counter}",
+                                          request_message_id=mid, reply_message_id=reply_id)
+                    replies[g].append(reply_id)
+                else:
+                    rows = store.rated_interactions(g)
+                    if rows:
+                        store.add_correction(g, rows[ev[3] % len(rows)]["id"], u, text)
+                recent[g].append((u, mid, text, at))
+                messages.append((g, mid))
+            elif kind in ("react", "unreact"):
+                g, u = ev[1], ev[2]
+                if replies[g]:
+                    rid = replies[g][ev[3] % len(replies[g])]
+                    if kind == "react":
+                        store.record_feedback(g, rid, u, ev[4])
+                    else:
+                        store.remove_feedback(g, rid, u)
+            elif kind in ("edit", "delete"):
+                if messages:
+                    g, mid = messages[ev[2] % len(messages)]
+                    if kind == "edit":
+                        text = f"tok{counter:05d}e"
+                        forbidden.add(text)  # edits of non-consented messages must not land
+                        # only a consented author's stored copy may take the edit
+                        store.edit_message(g, mid, text)
+                        owner = next((a for a, m, _, _ in recent[g] if m == mid), None)
+                        if owner is not None and (g, owner) in consented:
+                            forbidden.discard(text)
+                            written[owner].add(text)
+                    else:
+                        store.delete_message(g, mid)
+            elif kind == "forget":
+                g, u = ev[1], ev[2]
+                store.forget_user(u, g)
+                forgotten.add((g, u))
+                if g is None:
+                    consented = {c for c in consented if c[1] != u}
+                    written[u] = set()
+                else:
+                    consented.discard((g, u))
+        dump = _dump(store)
+        for text in forbidden:
+            assert text not in dump, f"stored text of a member without consent: {text}"
+        for g, u in forgotten:
+            if g is None:
+                assert str(u) not in dump, f"forgotten member {u} still stored"
+            else:
+                for table in store.db.table_names():
+                    cols = store.db[table].columns_dict
+                    if "guild_id" in cols and "user_id" in cols:
+                        n = store.db.execute(f"SELECT count(*) FROM [{table}] WHERE guild_id = ? "
+                                             "AND user_id = ?", [g, u]).fetchone()[0]
+                        assert n == 0, (table, g, u)
+        assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        store.close()

@@ -1,0 +1,261 @@
+"""Training examples for one guild, built only from data of members who are still opted in.
+
+An ``Example`` is a chat (system prompt, context turns, final assistant turn) whose final turn is
+the target. Sources:
+
+- ``liked``: a bot reply with a net positive rating; prompt = the stored context, target = reply.
+- ``correction``: a member's better reply for an interaction; weighted ``correction_weight``.
+- ``human``: when the guild has ``learn_from_humans`` on, a consented member's reply to another
+  consented member's message (how the community itself answers).
+- ``disliked``: a bot reply with a net negative rating; never a target, only the undesirable side
+  of the optional preference term.
+
+Whose example is it? The requester (liked/disliked bot replies), the correction's author, the
+human reply's author - and every member who rated it, because a rating steers the model as much
+as writing does. ``max_user_share`` caps each of them: one member liking hundreds of replies
+cannot fill the dataset. ``contributors`` is wider: everyone whose text or rating is in an
+example, so that forgetting any of them taints the version.
+
+This module does not import torch; tokenization happens in ``trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from guildtune.community import ChatMessage, stable_hash
+from guildtune.community import reply_pairs as file_reply_pairs
+
+from .scrub import scrub
+
+log = logging.getLogger(__name__)
+
+SPLIT_BUCKETS = 10_000
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training chat; ``messages[-1]`` is the assistant target."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content); hashable for dedupe
+    kind: str  # liked | correction | human | disliked
+    owner: int | None  # whose example it is (requester, correction or reply author)
+    raters: frozenset[int] = frozenset()
+    authors: frozenset[int] = frozenset()  # everyone whose text appears (for forgetting)
+    weight: float = 1.0
+    created_utc: str = ""
+
+    @property
+    def key(self) -> str:
+        """Content key without the system prompt: a persona change must not reshuffle the
+        split, and the same (prompt, reply) found in a file maps to the same key."""
+        body = [m for m in self.messages if m[0] != "system"]
+        return json.dumps(body, ensure_ascii=False)
+
+    @property
+    def desirable(self) -> bool:
+        return self.kind != "disliked"
+
+    @property
+    def steerers(self) -> set[int]:
+        """Members whose share of the dataset this example counts against."""
+        out = set(self.raters)
+        if self.owner is not None:
+            out.add(self.owner)
+        return out
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+@dataclass
+class Dataset:
+    """A guild's examples after hygiene, caps and the split."""
+
+    guild_id: int
+    train: list[Example]
+    heldout: list[Example]
+    negatives: list[Example]  # disliked replies in the train split (preference term only)
+    fingerprint: str
+    contributors: dict[int, int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.train) + len(self.heldout) + len(self.negatives)
+
+
+def is_heldout(example: Example, fraction: float) -> bool:
+    """The deterministic split: a process-independent hash of the example's content."""
+    return stable_hash("split", example.key) % SPLIT_BUCKETS < int(fraction * SPLIT_BUCKETS)
+
+
+def system_prompt(store: Any, guild_id: int, default: str) -> str:
+    """The guild's persona when an admin set one, else the configured system prompt."""
+    persona = store.guild_settings(guild_id).persona
+    return persona.strip() if persona and persona.strip() else default
+
+
+def _clean(text: str | None) -> str:
+    return scrub((text or "").replace("\x00", "")).strip()
+
+
+def _context_turns(context: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], set[int]]:
+    turns: list[tuple[str, str]] = []
+    authors: set[int] = set()
+    for entry in context:
+        text = _clean(entry.get("text"))
+        if not text:
+            continue
+        role = "assistant" if entry.get("role") == "assistant" else "user"
+        if entry.get("author_id") is not None and role == "user":
+            authors.add(int(entry["author_id"]))
+        turns.append((role, text))
+    # Chat templates expect the last context turn to be the user's; a context that ends with the
+    # bot has nothing the reply answers.
+    while turns and turns[-1][0] != "user":
+        turns.pop()
+    return turns, authors
+
+
+def examples_from_interactions(rows: Iterable[dict[str, Any]], system: str,
+                               correction_weight: float) -> list[Example]:
+    """Liked, corrected and disliked bot replies (rows of ``Store.rated_interactions``)."""
+    out: list[Example] = []
+    for row in rows:
+        turns, authors = _context_turns(row.get("context") or [])
+        if not turns:
+            continue
+        prompt = (("system", system), *turns)
+        owner = int(row["user_id"])
+        raters = frozenset(int(u) for u in row.get("raters") or [])
+        base_authors = frozenset(authors | {owner} | set(raters))
+        score = int(row.get("score") or 0)
+        reply = _clean(row.get("reply"))
+        if reply and score > 0:
+            out.append(Example((*prompt, ("assistant", reply)), "liked", owner, raters,
+                               base_authors, 1.0, row.get("created_utc") or ""))
+        elif reply and score < 0:
+            out.append(Example((*prompt, ("assistant", reply)), "disliked", owner, raters,
+                               base_authors, 1.0, row.get("created_utc") or ""))
+        for corr in row.get("corrections") or []:
+            text = _clean(corr.get("text"))
+            if text:
+                author = int(corr["user_id"])
+                out.append(Example((*prompt, ("assistant", text)), "correction", author,
+                                   frozenset(), frozenset(authors | {owner, author}),
+                                   correction_weight, corr.get("created_utc") or ""))
+    return out
+
+
+def examples_from_pairs(pairs: Iterable[dict[str, Any]], system: str) -> list[Example]:
+    """Human (parent, reply) pairs, rows of ``Store.reply_pairs``."""
+    out = []
+    for p in pairs:
+        parent, reply = _clean(p["parent_text"]), _clean(p["reply_text"])
+        if parent and reply:
+            out.append(Example((("system", system), ("user", parent), ("assistant", reply)),
+                               "human", int(p["reply_user"]), frozenset(),
+                               frozenset({int(p["reply_user"]), int(p["parent_user"])}), 1.0,
+                               p.get("created_utc") or ""))
+    return out
+
+
+def examples_from_messages(messages: list[ChatMessage], system: str) -> list[Example]:
+    """The reply pairs of a community file, exactly as ``import`` + training would see them."""
+    return examples_from_pairs(
+        ({"parent_text": p.text, "reply_text": r.text, "parent_user": p.user_id,
+          "reply_user": r.user_id, "created_utc": r.time} for p, r in file_reply_pairs(messages)),
+        system)
+
+
+def dedupe(examples: Iterable[Example]) -> list[Example]:
+    """Drop repeated (prompt, target) chats, keeping the first (the newest, given the order).
+    A liked and a disliked copy of the same chat cancel out: both are dropped."""
+    seen: dict[str, Example] = {}
+    conflicted: set[str] = set()
+    for ex in examples:
+        k = ex.key
+        prev = seen.get(k)
+        if prev is None:
+            seen[k] = ex
+        elif prev.desirable != ex.desirable:
+            conflicted.add(k)
+    return [ex for k, ex in seen.items() if k not in conflicted]
+
+
+def cap_user_share(examples: list[Example], share: float, budget: int) -> list[Example]:
+    """Newest-first selection of at most ``budget`` examples in which no member steers (owns or
+    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples.
+
+    The limit depends on the final size, which depends on the limit; iterate until the selection
+    fits its own limit (the size only shrinks, so this ends).
+    """
+    ordered = sorted(examples, key=lambda e: e.created_utc, reverse=True)
+    target = min(budget, len(ordered))
+    while True:
+        limit = max(1, math.floor(share * target))
+        counts: Counter[int] = Counter()
+        chosen: list[Example] = []
+        for ex in ordered:
+            if len(chosen) >= target:
+                break
+            who = ex.steerers
+            if any(counts[u] >= limit for u in who):
+                continue
+            counts.update(who)
+            chosen.append(ex)
+        if not chosen or max(counts.values(), default=0) <= max(1, math.floor(
+                share * len(chosen))):
+            return chosen
+        target = len(chosen)  # too small for its own limit: tighten (strictly shrinks)
+
+
+def fingerprint(examples: Iterable[Example]) -> str:
+    """A hash of the dataset's content (order-independent) and weights."""
+    h = hashlib.sha256()
+    for k in sorted(f"{e.kind}|{e.weight}|{e.key}|{e.messages[0][1]}" for e in examples):
+        h.update(k.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
+    """Every training example of a guild from the store: consented data only, scrubbed,
+    deduplicated, capped per member, newest first within ``training.max_examples``, split."""
+    t = cfg.training
+    system = system_prompt(store, guild_id, cfg.model.system_prompt)
+    raw = examples_from_interactions(store.rated_interactions(guild_id), system,
+                                     t.correction_weight)
+    if store.guild_settings(guild_id).learn_from_humans:
+        raw += examples_from_pairs(store.reply_pairs(guild_id), system)
+    raw.sort(key=lambda e: e.created_utc, reverse=True)
+    unique = dedupe(raw)
+    kept = cap_user_share(unique, cfg.privacy.max_user_share, t.max_examples)
+    train, heldout, negatives = [], [], []
+    for ex in kept:
+        if not ex.desirable:
+            # Disliked replies are never scored as targets, held out or not.
+            if not is_heldout(ex, t.heldout_fraction):
+                negatives.append(ex)
+        elif is_heldout(ex, t.heldout_fraction):
+            heldout.append(ex)
+        else:
+            train.append(ex)
+    contributors: Counter[int] = Counter()
+    for ex in (*train, *heldout, *negatives):
+        contributors.update(ex.authors | ex.steerers)
+    by_kind = Counter(e.kind for e in kept)
+    stats = {"raw": len(raw), "unique": len(unique), "kept": len(kept),
+             "capped_out": len(unique) - len(kept), **{f"n_{k}": v for k, v in by_kind.items()},
+             "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives)}
+    log.info("guild %s dataset: %s", guild_id, stats)
+    return Dataset(guild_id, train, heldout, negatives,
+                   fingerprint([*train, *heldout, *negatives]), dict(contributors), stats)
