@@ -389,14 +389,14 @@ class Store:
             return LogResult(False, reason="the member has not opted in")
         now = utc_now()
         iid = new_ulid()
-        self.db["interactions"].insert({
-            "id": iid, "guild_id": guild_id, "channel_id": channel_id, "user_id": user_id,
-            "request_message_id": request_message_id, "reply_message_id": reply_message_id,
-            "context_json": json.dumps(self.redact_context(guild_id, context)),
-            "reply": _clip(reply), "adapter_version": adapter_version,
-            "tokens_in": tokens_in, "tokens_out": tokens_out, "latency_ms": latency_ms,
-            "created_utc": now, "updated_utc": now,
-        })
+        # A plain INSERT: sqlite-utils' insert() introspects the table on every call (~3x slower).
+        self.db.execute(
+            "INSERT INTO interactions (id, guild_id, channel_id, user_id, request_message_id, "
+            "reply_message_id, context_json, reply, adapter_version, tokens_in, tokens_out, "
+            "latency_ms, created_utc, updated_utc) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [iid, guild_id, channel_id, user_id, request_message_id, reply_message_id,
+             json.dumps(self.redact_context(guild_id, context)), _clip(reply), adapter_version,
+             tokens_in, tokens_out, latency_ms, now, now])
         return LogResult(True, iid)
 
     def log_interactions(self, items: Iterable[dict[str, Any]]) -> list[LogResult]:
