@@ -266,6 +266,9 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+            # AsyncIOScheduler.shutdown runs via call_soon_threadsafe: let it finish before
+            # unload returns, so nothing of ours is still running afterwards.
+            await asyncio.sleep(0)
         self.bot.remove_dynamic_items(RateButton, SuggestButton)
         s = self.services
         if "engine" in s.owned:
@@ -284,7 +287,11 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
             except ImportError as exc:
                 log.warning("training scheduler unavailable (%s): no scheduled retrains", exc)
                 return
-            sched = make_scheduler(s.store, s.config, asyncio=True)
+            try:
+                sched = make_scheduler(s.store, s.config, asyncio=True)
+            except Exception:  # chat must keep working without scheduled retrains
+                log.exception("training scheduler failed to start: no scheduled retrains")
+                return
             s.scheduler = sched
         if not getattr(sched, "running", False):
             sched.start()

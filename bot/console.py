@@ -213,6 +213,7 @@ class Console:
         turns = merge_context([], self.channel.history,
                               current, self.s.config.discord.context_messages)
         self.channel.history.append(current)
+        del self.channel.history[:-200]  # a long session must not grow without bound
         out = await self.core.chat(self.channel, guild_id=self.guild_id,
                                    channel_id=self.channel_id, user_id=self.user_id,
                                    request_message_id=mid, turns=turns)

@@ -572,6 +572,7 @@ class Core:
         if on and not self.s.config.training.enabled:
             raise UserError(OPERATOR_TRAINING_OFF)
         await self._update(guild_id, training_enabled=on)
+        await self._reschedule()
         if on:
             return ("Training is on for this server. Only data of members who opted in with "
                     "/consent is used.")
@@ -594,12 +595,18 @@ class Core:
         return f"Schedule set to `{crontab}` (UTC). Next run: {nxt}."
 
     async def _reschedule(self) -> None:
-        # The trainer's scheduler may offer a refresh hook; without one it reads settings itself.
-        refresh = getattr(self.s.scheduler, "guildtune_refresh", None)
-        if callable(refresh):
-            res = refresh()
-            if asyncio.iscoroutine(res):
-                await res
+        """Apply a changed schedule or training switch to the running scheduler now (it also
+        re-reads the settings by itself every few minutes)."""
+        if self.s.scheduler is None:
+            return
+        try:
+            from trainer.schedule import sync_jobs
+        except ImportError:
+            return
+        try:
+            await asyncio.to_thread(sync_jobs, self.s.scheduler, self.s.store, self.s.config)
+        except Exception:  # the setting is saved; the scheduler's own sync picks it up later
+            log.exception("rescheduling training jobs failed")
 
     async def set_persona(self, guild_id: int, text: str | None) -> str:
         """Set (or with empty text, reset) the guild's system prompt."""

@@ -1,0 +1,116 @@
+"""The standalone bot: ``guildtune run`` (serve) and ``guildtune sync`` (register commands).
+
+Intents: guilds, guild messages, message content (privileged: enable it in the Developer
+Portal), guild reactions; DM messages and reactions only when ``discord.allow_dms``. Commands are
+never synced on start: syncing is an explicit owner action (``guildtune sync``), because every
+sync counts against a daily limit and a half-deployed version would overwrite the live commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from guildtune.config import ENV_TOKEN, Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def make_intents(cfg: Config) -> discord.Intents:
+    """Exactly the intents guildtune needs, nothing more."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.message_content = True
+    intents.guild_reactions = True
+    if cfg.discord.allow_dms:
+        intents.dm_messages = True
+        intents.dm_reactions = True
+    return intents
+
+
+class GuildTuneBot(commands.Bot):
+    """A bot whose only feature is the guildtune extension."""
+
+    def __init__(self, cfg: Config, **kwargs: Any) -> None:
+        super().__init__(command_prefix=commands.when_mentioned, intents=make_intents(cfg),
+                         allowed_mentions=discord.AllowedMentions.none(), **kwargs)
+        self.guildtune_config = cfg
+
+    async def setup_hook(self) -> None:
+        await self.load_extension("bot")
+
+    async def on_message(self, message: discord.Message) -> None:
+        # No prefix commands in the standalone bot: a mention is a chat message for the Cog's
+        # listener, not a command to parse (which would log CommandNotFound on every mention).
+        return None
+
+
+def require_token(cfg: Config) -> str:
+    """The token, or a one-line ConfigError telling how to provide it."""
+    if not cfg.discord.token:
+        raise ConfigError(f"{ENV_TOKEN} is not set: export {ENV_TOKEN}=<your bot token> (from "
+                          "the Discord Developer Portal, Bot tab) and run again")
+    return cfg.discord.token
+
+
+def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
+    """Start the training worker in its own process (an OOM there never takes the bot down)."""
+    if not cfg.training.enabled:
+        return None
+    try:
+        from trainer.worker import spawn_worker_process  # type: ignore[attr-defined]
+    except ImportError:
+        spawn_worker_process = None
+    if spawn_worker_process is not None:
+        return spawn_worker_process(cfg)
+    cmd = [sys.executable, "-m", "guildtune", "worker"]
+    if cfg.source not in ("built-in defaults", "<dict>"):
+        cmd += ["--config", cfg.source]
+    log.info("starting training worker: %s", " ".join(cmd))
+    return subprocess.Popen(cmd)
+
+
+async def serve(cfg: Config, *, worker: bool = True) -> None:
+    """Run the bot until it is closed (Ctrl+C)."""
+    token = require_token(cfg)
+    proc = spawn_worker(cfg) if worker else None
+    try:
+        async with GuildTuneBot(cfg) as bot:
+            await bot.start(token)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def sync_commands(cfg: Config, guild_id: int | None = None) -> list[str]:
+    """Register the slash commands with Discord (globally, or to one guild at once).
+
+    Logs in over HTTP only (no gateway) and builds the commands without loading a model.
+    """
+    from bot.cog import GuildTuneCog
+    from bot.services import Services
+
+    token = require_token(cfg)
+    bot = commands.Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.none())
+    # The tree only needs the command definitions: a Cog over placeholder services is enough.
+    cog = GuildTuneCog(bot, Services(config=cfg, store=None, engine=None))  # type: ignore[arg-type]
+    for cmd in cog.get_app_commands():
+        bot.tree.add_command(cmd)
+    async with bot:
+        await bot.login(token)
+        guild = discord.Object(id=guild_id) if guild_id else None
+        if guild is not None:
+            bot.tree.copy_global_to(guild=guild)
+        synced = await bot.tree.sync(guild=guild)
+    return [c.name for c in synced]

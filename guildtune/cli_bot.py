@@ -1,0 +1,103 @@
+"""The bot's subcommands of ``guildtune``: run, console, sync.
+
+``add_commands(sub)`` registers them on the main parser's subparsers; each handler is
+``handler(args, cfg) -> int`` (set as ``func``) and the main CLI dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from guildtune.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: when the main parser also has --config, a subcommand's default must not
+    # overwrite a value given before the subcommand.
+    try:
+        p.add_argument("--config", default=argparse.SUPPRESS, help="config file (TOML)")
+    except argparse.ArgumentError:
+        pass
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``run``, ``console`` and ``sync``."""
+    p = sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN)")
+    _add_config(p)
+    p.add_argument("--no-worker", action="store_true",
+                   help="do not start a training worker process (run `guildtune worker` "
+                        "elsewhere, e.g. on a GPU host)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("console", help="chat in the terminal with the same handlers, no Discord")
+    _add_config(p)
+    p.add_argument("--guild", required=True, metavar="NAME", help="local guild name")
+    p.add_argument("--user", default="you", metavar="NAME", help="local user name")
+    p.add_argument("--engine", choices=("model", "echo"), default="model",
+                   help="'echo' repeats messages (no model needed) to try the loop")
+    p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser("sync", help="register the slash commands with Discord (explicit, "
+                                    "never done on start)")
+    _add_config(p)
+    p.add_argument("--guild", type=int, default=None, metavar="ID",
+                   help="sync to one guild (instant) instead of globally (up to an hour)")
+    p.set_defaults(func=cmd_sync)
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    """guildtune run"""
+    from bot.runner import serve
+
+    try:
+        asyncio.run(serve(cfg, worker=not args.no_worker))
+    except ConfigError as exc:
+        print(f"guildtune: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
+    """guildtune console --guild NAME"""
+    from bot.console import EchoEngine, run_console
+    from bot.services import build_services
+
+    async def main() -> int:
+        engine = EchoEngine() if args.engine == "echo" else None
+        services = await build_services(cfg, engine=engine)
+        try:
+            if "engine" in services.owned:
+                await services.engine.start()
+            return await run_console(services, args.guild, user=args.user, stdin=sys.stdin,
+                                     out=sys.stdout)
+        finally:
+            if "engine" in services.owned:
+                await services.engine.close()
+            await asyncio.to_thread(services.store.close)
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
+    """guildtune sync [--guild ID]"""
+    from bot.runner import sync_commands
+
+    try:
+        names = asyncio.run(sync_commands(cfg, args.guild))
+    except ConfigError as exc:
+        print(f"guildtune: {exc}", file=sys.stderr)
+        return 2
+    where = f"guild {args.guild}" if args.guild else "globally (visible within an hour)"
+    print(f"synced {len(names)} commands {where}: {', '.join(sorted(names))}")
+    return 0
