@@ -1,0 +1,161 @@
+"""The queue side: the worker process (spawned training child, lease, SIGKILL recovery), the
+operator's and guild's gates, and the scheduler that only enqueues."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from guildtune.config import Config, parse_config
+from storage import Store, open_store
+from trainer.pipeline import OPERATOR_DISABLED, train_guild
+from trainer.schedule import enqueue_due, make_scheduler
+from trainer.worker import run_worker
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned processes inherit it
+
+G = 11
+
+
+def make_cfg(tmp_path: Path, **training: object) -> Config:
+    return parse_config({
+        "storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {"enabled": True, "epochs": 1.0, "batch_size": 16, "max_seq_len": 64,
+                     "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2,
+                     "min_new_examples": 5, **training},
+    })
+
+
+def import_pairs(store: Store, guild: int, n: int = 80) -> None:
+    rows = []
+    for i in range(n):
+        rows.append({"message_id": 2 * i + 1, "user_id": 1 + i % 9, "text": f"question {i}?",
+                     "created_utc": f"2024-02-01T00:{i % 60:02d}:00"})
+        rows.append({"message_id": 2 * i + 2, "user_id": 2 + i % 9, "text": f"answer {i} ok",
+                     "reply_to_message_id": 2 * i + 1,
+                     "created_utc": f"2024-02-01T00:{i % 60:02d}:01"})
+    store.import_messages(guild, rows)
+    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
+
+
+def visible_versions(cfg: Config, guild: int) -> list[str]:
+    return sorted(p.name for p in (cfg.adapters_dir / str(guild)).iterdir())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie waiting for init to reap it is gone too
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_sigkilled_worker_publishes_nothing_and_its_run_is_recovered(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg.db_path)
+    import_pairs(store, G)
+    assert train_guild(store, cfg, G).status == "succeeded"
+    assert visible_versions(cfg, G) == ["1"]
+
+    # A run long enough to be killed mid-fit.
+    slow = cfg.replace(training={"epochs": 400.0})
+    run_id, _ = store.enqueue_run(G, "manual")
+    worker = mp.get_context("spawn").Process(target=run_worker, args=(slow,),
+                                             kwargs={"once": True, "worker_id": "w-killed"})
+    worker.start()
+    deadline = time.monotonic() + 120
+    progress: dict = {}
+    while time.monotonic() < deadline:
+        progress = store.get_run(run_id).progress or {}
+        if progress.get("step", 0) >= 2:
+            break
+        time.sleep(0.2)
+    assert progress.get("step", 0) >= 2, "training never started"
+    assert progress["total_steps"] > progress["step"] and "tokens_per_s" in progress
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    child = progress["pid"]
+    deadline = time.monotonic() + 15
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child), "the training child outlived its worker"
+
+    assert visible_versions(cfg, G) == ["1"]  # nothing partial, nothing new
+    assert store.active_version(G).version == 1
+    assert store.get_run(run_id).status == "running"  # until its lease runs out
+    later = datetime.now(UTC) + timedelta(seconds=cfg.training.lease_seconds + 1)
+    assert store.recover_stale_runs(now=later) == [run_id]
+    failed = store.get_run(run_id)
+    assert failed.status == "failed" and "w-killed" in failed.error
+    retry = store.open_run(G)
+    assert retry.status == "queued" and retry.attempt == 2
+
+    # A healthy worker takes the retry; training runs in its own child process.
+    assert run_worker(cfg, once=True, worker_id="w-ok") == 1
+    done = store.get_run(retry.id)
+    assert done.status in ("succeeded", "rejected"), done.error
+    assert done.metrics["candidate_loss"] > 0 and done.progress["step"] >= 1
+    assert store.active_version(G).version in (1, 2)
+    store.close()
+
+
+def test_operator_gate_fails_runs_fast(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, enabled=False)
+    store = open_store(cfg.db_path)
+    import_pairs(store, G, 10)
+    run_id, _ = store.enqueue_run(G, "manual", force=True)
+    t = time.monotonic()
+    assert run_worker(cfg, once=True) == 1
+    assert time.monotonic() - t < 5
+    run = store.get_run(run_id)
+    assert run.status == "failed" and run.error == OPERATOR_DISABLED
+    assert enqueue_due(store, cfg) == []  # and nothing is scheduled
+
+
+def test_guild_gate_unless_forced(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg.db_path)
+    import_pairs(store, G, 10)
+    store.update_guild_settings(G, training_enabled=False)
+    run_id, _ = store.enqueue_run(G, "manual")
+    run_worker(cfg, once=True)
+    assert "training is off for guild" in store.get_run(run_id).error
+
+
+def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    store = open_store(cfg.db_path)
+    import_pairs(store, 1, 20)  # on, 20 new examples
+    import_pairs(store, 2, 20)
+    store.update_guild_settings(2, training_enabled=False)  # off
+    import_pairs(store, 3, 3)  # on, too few
+    queued = enqueue_due(store, cfg)
+    assert [store.get_run(r).guild_id for r in queued] == [1]
+    assert store.get_run(queued[0]).trigger == "schedule"
+    assert enqueue_due(store, cfg) == []  # one open run per guild
+
+    store.update_guild_settings(3, schedule="*/5 * * * *")
+    sched = make_scheduler(store, cfg, asyncio=False, background=True)
+    jobs = {j.id: j for j in sched.get_jobs()}
+    assert set(jobs) == {"guildtune-train-1", "guildtune-train-3", "guildtune-sync"}
+    assert "*/5" in str(jobs["guildtune-train-3"].trigger)
+
+    async def in_loop() -> int:
+        s = make_scheduler(store, cfg)  # AsyncIOScheduler: started inside the running loop
+        s.start()
+        n = len(s.get_jobs())
+        s.shutdown(wait=False)
+        return n
+
+    assert asyncio.run(in_loop()) == 3

@@ -1,0 +1,115 @@
+"""Scheduling: APScheduler 3 jobs that only enqueue training runs; workers do the training.
+
+One cron job per guild with training enabled (the guild's own schedule, else
+``training.schedule``), each calling ``enqueue_if_due``: a run is queued when at least
+``training.min_new_examples`` new examples arrived since the active version was activated. A
+sync job re-reads guild settings every few minutes and adds, moves or drops the cron jobs.
+The store deduplicates: one queued or running run per guild.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guildtune.config import Config
+    from storage import Store
+
+log = logging.getLogger(__name__)
+
+SYNC_MINUTES = 5
+JOB_PREFIX = "guildtune-train-"
+
+
+def enqueue_if_due(store: Store, cfg: Config, guild_id: int) -> int | None:
+    """Queue a 'schedule' run for the guild when training is allowed and enough new examples
+    arrived since its active version. Returns the new run id, or None."""
+    if not cfg.training.enabled or not store.guild_settings(guild_id).training_enabled:
+        return None
+    active = store.active_version(guild_id)
+    new = store.examples_since(guild_id, active.activated_utc if active else None)
+    if new < cfg.training.min_new_examples:
+        log.debug("guild %s: %d new examples < %d, not queued", guild_id, new,
+                  cfg.training.min_new_examples)
+        return None
+    run_id, created = store.enqueue_run(guild_id, "schedule")
+    if created:
+        log.info("guild %s: %d new examples, queued run %s", guild_id, new, run_id)
+    return run_id if created else None
+
+
+def enqueue_due(store: Store, cfg: Config, guild_ids: list[int] | None = None) -> list[int]:
+    """``enqueue_if_due`` for the given guilds (default: every guild the store knows).
+    Returns the ids of runs queued now."""
+    if not cfg.training.enabled:
+        return []
+    out = []
+    for g in guild_ids if guild_ids is not None else store.guild_ids():
+        run_id = enqueue_if_due(store, cfg, g)
+        if run_id is not None:
+            out.append(run_id)
+    return out
+
+
+def guild_schedules(store: Store, cfg: Config) -> dict[int, str]:
+    """guild -> crontab, for every guild with training enabled."""
+    out = {}
+    for g in store.guild_ids():
+        s = store.guild_settings(g)
+        if s.training_enabled:
+            out[g] = s.schedule or cfg.training.schedule
+    return out
+
+
+def sync_jobs(scheduler: Any, store: Store, cfg: Config) -> None:
+    """Make the scheduler's per-guild cron jobs match the guilds' current settings."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    wanted = guild_schedules(store, cfg) if cfg.training.enabled else {}
+    for job in scheduler.get_jobs():
+        if job.id.startswith(JOB_PREFIX) and int(job.id[len(JOB_PREFIX):]) not in wanted:
+            job.remove()
+    for g, cron in wanted.items():
+        try:
+            trigger = CronTrigger.from_crontab(cron, timezone="UTC")
+        except ValueError:
+            log.warning("guild %s: bad schedule %r, using %r", g, cron, cfg.training.schedule)
+            cron = cfg.training.schedule
+            trigger = CronTrigger.from_crontab(cron, timezone="UTC")
+        job_id = f"{JOB_PREFIX}{g}"
+        job = scheduler.get_job(job_id)
+        if job is not None and str(job.trigger) == str(trigger):
+            continue  # unchanged: keep its next run time
+        scheduler.add_job(enqueue_if_due, trigger, args=(store, cfg, g), id=job_id,
+                          replace_existing=True, name=f"enqueue training for guild {g}")
+
+
+def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
+                   background: bool = False) -> Any:
+    """An APScheduler 3 scheduler with the per-guild jobs, not yet started.
+
+    ``asyncio=True``: an AsyncIOScheduler; start it inside the running loop (the bot's
+    ``cog_load``) and ``shutdown()`` it in ``cog_unload``. Its plain-function jobs run in a thread
+    pool, so the store's SQL never blocks the event loop. ``asyncio=False``: a
+    BlockingScheduler for a standalone process (``start()`` blocks), or with ``background=True``
+    a BackgroundScheduler (the ``guildtune worker`` runs it beside its claim loop).
+    """
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    opts = {"timezone": "UTC", "job_defaults": {"coalesce": True, "max_instances": 1,
+                                                "misfire_grace_time": 3600}}
+    if asyncio:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        scheduler: Any = AsyncIOScheduler(**opts)
+    elif background:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        scheduler = BackgroundScheduler(**opts)
+    else:
+        from apscheduler.schedulers.blocking import BlockingScheduler
+        scheduler = BlockingScheduler(**opts)
+    sync_jobs(scheduler, store, cfg)
+    scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES), args=(scheduler, store, cfg),
+                      id="guildtune-sync", replace_existing=True,
+                      name="sync guild training schedules")
+    return scheduler
