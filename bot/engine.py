@@ -693,5 +693,5 @@ def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     from guildtune.models import load_model
 
     loaded = load_model(model_cfg.name, device=model_cfg.device, dtype=model_cfg.dtype,
-                        cache_dir=cache_dir)
+                        cache_dir=cache_dir, threads=model_cfg.threads)
     return LocalEngine(loaded, model_cfg, lora_cfg)

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from bot.engine import AdapterError, GenerationRequest, GenerationResult
 from bot.services import Services
+from guildtune.prompting import merge_turns
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,9 @@ def chat_messages(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> 
         kept.append(t)
         used += len(t.text)
     kept.reverse()
-    msgs: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
-    for t in kept:
-        text = t.text[-budget:]
-        if msgs[-1]["role"] == t.role and t.role == "user":
-            msgs[-1]["content"] += "\n" + text
-        else:
-            msgs.append({"role": t.role, "content": text})
-    return msgs
+    turns = merge_turns((t.role, t.text[-budget:]) for t in kept)
+    return [{"role": "system", "content": system_prompt},
+            *({"role": role, "content": text} for role, text in turns)]
 
 
 # -- replies ---------------------------------------------------------------------------------

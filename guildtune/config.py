@@ -92,6 +92,7 @@ class ModelConfig:
     max_batch_size: int = 8
     batch_wait_ms: int = 15
     max_resident_adapters: int = 16
+    threads: int = 0
     backend: Literal["local", "vllm"] = "local"
     vllm_url: str = "http://127.0.0.1:8000"
 
@@ -108,6 +109,7 @@ class ModelConfig:
         _check(self.max_context_tokens >= 64, "model.max_context_tokens",
                self.max_context_tokens, "must be >= 64")
         _positive("model.max_batch_size", self.max_batch_size)
+        _non_negative("model.threads", self.threads)
         _non_negative("model.batch_wait_ms", self.batch_wait_ms)
         _positive("model.max_resident_adapters", self.max_resident_adapters)
         _check(self.vllm_url.startswith(("http://", "https://")), "model.vllm_url",

@@ -153,7 +153,10 @@ def smollm2_checkpoint(cache_dir: Path) -> Path:
     """Path of a normal transformers checkpoint of SmolLM2-135M-Instruct, built once."""
     ckpt = cache_dir / "smollm2-135m-instruct"
     if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
-        return ckpt
+        # An early conversion kept the GGUF quantization_config, which makes transformers treat
+        # the plain fp32 weights as quantized (refused by Trainer, slow in training): redo it.
+        if "quantization_config" not in (ckpt / "config.json").read_text(encoding="utf-8"):
+            return ckpt
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,7 +175,13 @@ def smollm2_checkpoint(cache_dir: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
         src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
         # save_pretrained refuses GGUF-loaded models: rebuild from config and copy the weights.
-        model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+        # The weights are already dequantized to fp32; drop the GGUF quantization_config so the
+        # checkpoint loads as the plain model it is.
+        plain = src.config.to_dict()
+        plain.pop("quantization_config", None)
+        plain.pop("_model_name_or_path", None)
+        config = type(src.config).from_dict(plain)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(src.state_dict())
         model.generation_config = src.generation_config
         staging = Path(tmp) / "ckpt"
@@ -196,9 +205,20 @@ def _checkpoint_id(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def set_threads(threads: int) -> None:
+    """Pin torch's CPU threads (0 leaves torch's default). On small shared CPUs, one thread per
+    process beats oversubscribing cores between the bot's engine and a training process."""
+    if threads > 0:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
-               cache_dir: Path | None = None) -> LoadedModel:
+               cache_dir: Path | None = None, threads: int = 0) -> LoadedModel:
     """Load the configured base model and its tokenizer, in eval mode on the chosen device."""
+    set_threads(threads)
     dev, dt = resolve_device(device, dtype)
     if name == TINY:
         model, tok = build_tiny_model()

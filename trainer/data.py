@@ -32,6 +32,7 @@ from typing import Any
 
 from guildtune.community import ChatMessage, stable_hash
 from guildtune.community import reply_pairs as file_reply_pairs
+from guildtune.prompting import merge_turns
 
 from .scrub import scrub
 
@@ -122,7 +123,7 @@ def _context_turns(context: list[dict[str, Any]]) -> tuple[list[tuple[str, str]]
     # bot has nothing the reply answers.
     while turns and turns[-1][0] != "user":
         turns.pop()
-    return turns, authors
+    return merge_turns(turns), authors
 
 
 def examples_from_interactions(rows: Iterable[dict[str, Any]], system: str,

@@ -45,7 +45,7 @@ def load_base(cfg: Config, model_name: str | None = None) -> LoadedModel:
     from guildtune.models import load_model
 
     return load_model(model_name or cfg.model.name, device=cfg.model.device,
-                      dtype=cfg.model.dtype, cache_dir=cfg.data_dir)
+                      dtype=cfg.model.dtype, cache_dir=cfg.data_dir, threads=cfg.model.threads)
 
 
 def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False,

@@ -1,0 +1,56 @@
+"""The model is trained on exactly the prompts it is served: a liked exchange logged by the
+bot's handlers becomes a training example whose prompt equals what the engine received."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bot.handlers import Core, Turn
+from tests.fakes import FakeEngine, make_services
+from trainer.data import build_dataset
+
+G, ALICE, BOB, CAROL = 77, 1, 2, 3
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.n = 5000
+
+    @asynccontextmanager
+    async def typing(self) -> Any:
+        yield
+
+    async def send(self, text: str, *, first: bool, last: bool) -> int:
+        self.n += 1
+        return self.n
+
+
+async def test_served_prompt_equals_trained_prompt(tmp_path: Path) -> None:
+    engine = FakeEngine("a reply worth liking")
+    s = make_services(tmp_path, engine=engine, training={"heldout_fraction": 0.01})
+    core = Core(s)
+    for u in (ALICE, BOB):
+        s.store.grant_consent(G, u)
+    turns = [Turn("user", BOB, 10, "first from bob"), Turn("user", CAROL, 11, "carol, not in"),
+             Turn("assistant", None, 12, "an earlier bot reply"),
+             Turn("user", BOB, 13, "bob again"), Turn("user", ALICE, 14, "alice asks")]
+    out = await core.chat(Channel(), guild_id=G, channel_id=1, user_id=ALICE,
+                          request_message_id=14, turns=turns)
+    assert out.logged
+    await core.rate(G, out.feedback_message_id, BOB, 1)
+    served = engine.requests[-1].messages
+    data = build_dataset(s.store, G, s.config)
+    (example,) = data.train + data.heldout
+    trained = example.chat()[:-1]
+    # Carol never opted in: she is a placeholder in storage, so in training too; everything
+    # else (system prompt, merged user turns, the bot's turn) matches what was served.
+    assert [m["role"] for m in trained] == [m["role"] for m in served]
+    assert trained[0] == served[0]
+    assert "carol, not in" in served[1]["content"]
+    assert trained[1]["content"] == served[1]["content"].replace(
+        "carol, not in", "[message from a member who has not opted in]")
+    assert trained[2:] == served[2:]
+    assert example.chat()[-1] == {"role": "assistant", "content": "a reply worth liking"}
+    s.store.close()
