@@ -137,6 +137,7 @@ class Demo:
         self.matrix: dict[str, dict[str, float]] = {}
         self.train_runs: list[Any] = []
         self.privacy: dict[str, Any] = {}
+        self.during_pause = 0.5 if cfg.model.name == "tiny" else 5.0
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -220,15 +221,19 @@ class Demo:
                 with self.stage("scheduler tick, train, gate, hot swap (chat goes on)"):
                     queued = await asyncio.to_thread(enqueue_due, store, self.cfg)
                     self.console.print(f"  scheduler enqueued runs {queued}")
+                    # One process, as the demo promises: the worker trains in this process
+                    # (the bot's own worker isolates each run in a child process instead).
                     worker = asyncio.create_task(asyncio.to_thread(
-                        run_worker, self.cfg, once=True, worker_id="demo-worker"))
+                        run_worker, self.cfg, once=True, worker_id="demo-worker",
+                        isolate=False))
                     rng = random.Random("during")
                     task = progress.add_task("during training: chatting", total=None)
                     while not worker.done():
                         for g in self.guilds:
                             await self.chat_once(core, g, "during", rng)
                             progress.advance(task)
-                        await asyncio.sleep(0.2)
+                        # Chat on, but leave the CPU to training (a reply every few seconds).
+                        await asyncio.wait([worker], timeout=self.during_pause)
                     await worker
                     await watcher.sync_once()
                     self.train_runs = [r for g in self.guilds for r in store.runs(g.guild_id, 1)]
@@ -438,10 +443,10 @@ def demo_config(base: Config, out: Path, model: str | None) -> Config:
     tiny = (model or base.model.name) == "tiny"
     return base.replace(
         storage={"data_dir": str(data_dir)},
-        model={"name": model or base.model.name, "max_new_tokens": 24 if tiny else 40,
-               "temperature": 0.7, "batch_wait_ms": 5},
-        training={"enabled": True, "min_new_examples": 5, "epochs": 3.0 if tiny else 1.0,
-                  "max_steps": 150 if tiny else 0, "learning_rate": 3e-3 if tiny else 6e-4,
+        model={"name": model or base.model.name, "max_new_tokens": 24 if tiny else 32,
+               "temperature": 0.3, "batch_wait_ms": 5},
+        training={"enabled": True, "min_new_examples": 5, "epochs": 6.0 if tiny else 1.0,
+                  "max_steps": 100 if tiny else 0, "learning_rate": 5e-3 if tiny else 6e-4,
                   "poll_seconds": 0.5, "max_examples": 400, "eval_margin": 0.0},
         privacy={"max_user_share": 0.5},
     )

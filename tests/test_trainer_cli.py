@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from guildtune.models import TINY_BASE_ID
+
 import argparse
 import json
 import os
@@ -68,7 +70,7 @@ def test_train_eval_rollback(setup: tuple[Config, Path], capsys: pytest.CaptureF
     held = [e for e in examples_from_messages(read_jsonl(f), cfg.model.system_prompt)
             if is_heldout(e, cfg.training.heldout_fraction)]
     assert result["pairs"] == len(held) > 0 and result["adapter_version"] == 1
-    assert result["model"] == "tiny-v1"  # the base the adapter was trained on, not smollm2
+    assert result["model"] == TINY_BASE_ID  # the base the adapter was trained on, not smollm2
     assert result["adapter_loss"] < result["base_loss"]
     store = open_store(cfg.db_path)
     assert store.active_version(G).metrics["n_heldout"] == len(held)  # same split as training

@@ -4,6 +4,8 @@ contributor taints the version and the retrain excludes them."""
 
 from __future__ import annotations
 
+from guildtune.models import TINY_BASE_ID
+
 import json
 import os
 import random
@@ -110,7 +112,7 @@ def test_published_version_follows_the_engine_contract(trained: tuple[Config, St
     assert {"adapter_config.json", "adapter_model.safetensors", "guildtune.json",
             "config_snapshot.json"} <= {p.name for p in path.iterdir()}
     meta = json.loads((path / "guildtune.json").read_text())
-    assert meta["guild_id"] == 1 and meta["version"] == 1 and meta["base_model"] == "tiny-v1"
+    assert meta["guild_id"] == 1 and meta["version"] == 1 and meta["base_model"] == TINY_BASE_ID
     assert meta["lora"] == cfg.lora.shape() == v.lora
     assert meta["data_fingerprint"] == v.data_fingerprint
     peft_cfg = json.loads((path / "adapter_config.json").read_text())

@@ -136,8 +136,13 @@ def _child_main(cfg: Config, run_id: int, guild_id: int, force: bool, worker: st
 # -- the parent side ----------------------------------------------------------------------------
 
 def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
-                model_name: str | None = None) -> str:
-    """Train a claimed run in a child process and close it. Returns the final status."""
+                model_name: str | None = None, isolate: bool = True) -> str:
+    """Train a claimed run and close it. Returns the final status.
+
+    ``isolate`` (the default) trains in a child process, so an out-of-memory or a crash never
+    takes the caller down and GPU memory is returned after each run; ``isolate=False`` trains in
+    this process (the one-process demo, where the model libraries are already imported).
+    """
     if not cfg.training.enabled:
         store.finish_run(run.id, "failed", error=OPERATOR_DISABLED, worker=worker)
         return "failed"
@@ -145,6 +150,12 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
         store.finish_run(run.id, "failed", worker=worker,
                          error=f"training is off for guild {run.guild_id}")
         return "failed"
+    if not isolate:
+        try:
+            return _train_here(store, cfg, run, worker, model_name=model_name).status
+        except Exception as exc:  # closed as failed by _train_here; the worker goes on
+            log.warning("run %s (guild %s) failed: %s", run.id, run.guild_id, exc)
+            return "failed"
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     child = ctx.Process(target=_child_main, name=f"guildtune-train-{run.id}",
@@ -198,22 +209,12 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
     return "failed"
 
 
-def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = False,
-                     requested_by: int | None = None, model_name: str | None = None,
-                     progress: Any = None) -> tuple[int, Any]:
-    """Queue a run for the guild, claim it here and train in this process (the CLI's
-    ``train``): the queue still guarantees one run per guild. Returns (run id, TrainResult);
-    raises TrainingError (the run is closed as failed) when it cannot train."""
+def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
+                model_name: str | None = None, progress: Any = None) -> Any:
+    """Train a claimed run in this process under a heartbeat and close it. Returns the
+    TrainResult; re-raises (after closing the run as failed) when it cannot train."""
     from .pipeline import train_guild
 
-    if not cfg.training.enabled:
-        raise TrainingError(OPERATOR_DISABLED)
-    worker = f"cli:{default_worker_id()}"
-    run_id, _ = store.enqueue_run(guild_id, "cli", requested_by, force)
-    run = store.claim_run(worker, cfg.training.lease_seconds, guild_id=guild_id)
-    if run is None or run.id != run_id:
-        raise TrainingError(f"guild {guild_id} already has a run in progress (run {run_id}); "
-                            "wait for it or stop its worker")
     beat = Heartbeat(store, run.id, worker, cfg.training.lease_seconds)
     beat.start()
 
@@ -226,7 +227,7 @@ def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = 
         return "the run's lease was lost" if beat.lost.is_set() else None
 
     try:
-        res = train_guild(store, cfg, guild_id, force=run.force, run_id=run.id,
+        res = train_guild(store, cfg, run.guild_id, force=run.force, run_id=run.id,
                           model_name=model_name, progress=on_progress, should_stop=should_stop)
     except BaseException as exc:
         beat.stop()
@@ -236,7 +237,25 @@ def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = 
     beat.stop()
     store.finish_run(run.id, res.status, metrics=res.metrics, version=res.version,
                      error=None if res.status == "succeeded" else res.reason, worker=worker)
-    return run.id, res
+    return res
+
+
+def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = False,
+                     requested_by: int | None = None, model_name: str | None = None,
+                     progress: Any = None) -> tuple[int, Any]:
+    """Queue a run for the guild, claim it here and train in this process (the CLI's
+    ``train``): the queue still guarantees one run per guild. Returns (run id, TrainResult);
+    raises TrainingError (the run is closed as failed) when it cannot train."""
+    if not cfg.training.enabled:
+        raise TrainingError(OPERATOR_DISABLED)
+    worker = f"cli:{default_worker_id()}"
+    run_id, _ = store.enqueue_run(guild_id, "cli", requested_by, force)
+    run = store.claim_run(worker, cfg.training.lease_seconds, guild_id=guild_id)
+    if run is None or run.id != run_id:
+        raise TrainingError(f"guild {guild_id} already has a run in progress (run {run_id}); "
+                            "wait for it or stop its worker")
+    return run.id, _train_here(store, cfg, run, worker, model_name=model_name,
+                               progress=progress)
 
 
 def _clean_stale_temp_dirs(cfg: Config) -> None:
@@ -256,7 +275,7 @@ def _clean_stale_temp_dirs(cfg: Config) -> None:
 
 def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
                stop: threading.Event | None = None, model_name: str | None = None,
-               store: Store | None = None) -> int:
+               store: Store | None = None, isolate: bool = True) -> int:
     """Claim and train queued runs one after another until ``stop`` is set (or, with ``once``,
     until the queue is empty). Returns the number of runs handled."""
     from storage import open_store
@@ -278,7 +297,7 @@ def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
                 last_recover = time.monotonic()
             run = store.claim_run(worker, cfg.training.lease_seconds)
             if run is not None:
-                execute_run(store, cfg, run, worker, model_name=model_name)
+                execute_run(store, cfg, run, worker, model_name=model_name, isolate=isolate)
                 handled += 1
                 continue
             if once:
