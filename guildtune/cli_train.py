@@ -35,6 +35,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                     "adapter on a community file (one JSON object)")
     p.add_argument("--guild", type=int, required=True, help="guild id")
     p.add_argument("--data", required=True, help="community JSONL (or Discord export JSON)")
+    p.add_argument("--max-pairs", type=int, default=0, metavar="N",
+                   help="evaluate at most N held-out pairs (a fixed, hash-ordered subset)")
+    p.add_argument("--no-base", action="store_true",
+                   help="skip the base model's loss (when comparing many adapters)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("rollback", help="re-activate the guild's previous adapter version")
@@ -128,7 +132,7 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     """Base vs active adapter on the held-out reply pairs of a community file."""
-    from guildtune.community import read_community
+    from guildtune.community import read_community, stable_hash
     from trainer.data import examples_from_messages, is_heldout, system_prompt
 
     store = _store(cfg)
@@ -139,6 +143,8 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         store.close()
     examples = examples_from_messages(read_community(args.data), system)
     held = [e for e in examples if is_heldout(e, cfg.training.heldout_fraction)]
+    if args.max_pairs > 0:
+        held = sorted(held, key=lambda e: stable_hash("eval", e.key))[:args.max_pairs]
     if not held:
         raise SystemExit(f"error: {args.data} has no held-out reply pairs "
                          f"({len(examples)} pairs in all)")
@@ -166,11 +172,12 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(lm.model, active.path)
-        out["base_loss"] = base_loss(model, lm.tokenizer, held, ml)
+        out["base_loss"] = None if args.no_base else base_loss(model, lm.tokenizer, held, ml)
         from trainer.evaluate import heldout_loss
         out["adapter_loss"] = heldout_loss(model, lm.tokenizer, held, max_seq_len=ml)[0]
         out["adapter_version"] = active.version
-        out["relative_change"] = out["adapter_loss"] / out["base_loss"] - 1
+        if out["base_loss"] is not None:
+            out["relative_change"] = out["adapter_loss"] / out["base_loss"] - 1
     print(json.dumps(out))
     return 0
 
