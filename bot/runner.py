@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from typing import Any
@@ -64,17 +65,14 @@ def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
     """Start the training worker in its own process (an OOM there never takes the bot down)."""
     if not cfg.training.enabled:
         return None
-    try:
-        from trainer.worker import spawn_worker_process  # type: ignore[attr-defined]
-    except ImportError:
-        spawn_worker_process = None
-    if spawn_worker_process is not None:
-        return spawn_worker_process(cfg)
-    cmd = [sys.executable, "-m", "guildtune", "worker"]
+    cmd = [sys.executable, "-m", "guildtune"]
     if cfg.source not in ("built-in defaults", "<dict>"):
         cmd += ["--config", cfg.source]
+    cmd.append("worker")
     log.info("starting training worker: %s", " ".join(cmd))
-    return subprocess.Popen(cmd)
+    # The worker never talks to Discord: it does not get the token.
+    env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
+    return subprocess.Popen(cmd, env=env)
 
 
 async def serve(cfg: Config, *, worker: bool = True) -> None:

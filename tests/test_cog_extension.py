@@ -129,3 +129,30 @@ async def test_real_scheduler_starts_in_cog_load_and_stops_in_unload(tmp_path, k
     await host.unload_extension("bot")
     assert not sched.running
     services.store.close()
+
+
+def test_standalone_bot_spawns_the_worker_without_the_token(tmp_path, monkeypatch) -> None:
+    """`guildtune run` starts `python -m guildtune [--config F] worker`; the worker never gets
+    the Discord token."""
+    import subprocess
+
+    from bot import runner
+    from guildtune.config import load_config
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(f'[storage]\ndata_dir = "{tmp_path}"\n[training]\nenabled = true\n')
+    cfg = load_config(cfg_file, env={"DISCORD_TOKEN": "tok.en.value"})
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, cmd, env=None):
+            seen["cmd"], seen["env"] = cmd, env
+
+    monkeypatch.setenv("DISCORD_TOKEN", "tok.en.value")
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    runner.spawn_worker(cfg)
+    assert seen["cmd"][1:] == ["-m", "guildtune", "--config", str(cfg_file), "worker"]
+    assert "DISCORD_TOKEN" not in seen["env"]
+    from guildtune.cli import build_parser
+
+    build_parser().parse_args(seen["cmd"][3:])  # the worker's command line parses
