@@ -69,6 +69,10 @@ class RateButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             await _send(interaction, "Ratings are not available here right now.")
             return
         rating = 1 if self.direction == "up" else -1
+        limited = cog.core.feedback_limited(interaction.guild_id, interaction.user.id)
+        if limited is not None:
+            await _send(interaction, limited)
+            return
         ok = await cog.core.rate(interaction.guild_id, interaction.message.id,
                                  interaction.user.id, rating)
         if ok:
@@ -315,7 +319,10 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         if me is not None:
             text = re.sub(rf"<@!?{me.id}>", "", text)
         for user in message.mentions:  # readable names instead of raw mention markup
-            text = re.sub(rf"<@!?{user.id}>", f"@{user.display_name}", text)
+            # A function, not a template: display names are chosen by members, and "\\g<1>"
+            # or a trailing backslash in one would make re.sub raise (or inject group text).
+            name = f"@{user.display_name}"
+            text = re.sub(rf"<@!?{user.id}>", lambda _m, name=name: name, text)
         return text.strip()
 
     async def _referenced(self, message: discord.Message) -> discord.Message | None:

@@ -588,9 +588,15 @@ class LocalEngine(Engine):
             try:
                 self._load(guild_id, version, path, protect=needed)
             except Exception as exc:
-                # Files vanished since activation: answer from the base model rather than fail.
+                # Files vanished since activation: answer from the base model rather than fail,
+                # and stop wanting that version. Otherwise every request of the guild retries
+                # the load, logs again and evicts another guild's adapter to make room; now
+                # active_versions() tells the truth and the AdapterWatcher re-activates (or
+                # reports the broken version) once.
                 log.error("guild %s: cannot reload adapter v%s (%s); serving base model",
                           guild_id, version, exc)
+                self._wanted.pop(guild_id, None)
+                self._versions = {g: v for g, (v, _) in self._wanted.items()}
                 return BASE_ADAPTER, None
         self._resident.move_to_end(guild_id)
         return adapter_name(guild_id), version

@@ -31,6 +31,11 @@ DISCORD_LIMIT = 2000
 PERSONA_MAX_CHARS = 1500
 SETTINGS_TTL_S = 30.0
 CHARS_PER_TOKEN = 3  # conservative: the engine truncates exactly, this only keeps prompts sane
+FENCE_LANG_MAX = 24  # a reopened code fence keeps its language only when it looks like one
+# Ratings one member may add per guild and minute. Reactions are free to spam (add/remove in a
+# loop, or a script): each one is a write transaction, and a flood must not become a flood of
+# writes nor let one member's clicks churn the training data. Withdrawals are never refused.
+FEEDBACK_PER_MINUTE = 20
 
 OPERATOR_TRAINING_OFF = (
     "Training is switched off by the bot's operator (`training.enabled = false` in the config). "
@@ -167,7 +172,10 @@ def split_reply(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
     parts: list[str] = []
     fence: str | None = None
     while text:
-        prefix = "" if fence is None else f"```{fence}\n"
+        # A fence "language" is whatever follows ``` on its line: a hostile or runaway reply can
+        # make it thousands of characters, which would not fit in the reopened part.
+        lang = fence if fence is not None and len(fence) <= FENCE_LANG_MAX else ""
+        prefix = "" if fence is None else f"```{lang}\n"
         if len(prefix) + len(text) <= limit:
             parts.append(prefix + text)
             break
@@ -307,6 +315,7 @@ class Core:
         d = services.config.discord
         self.user_limits = RateLimiter(d.user_rate_per_minute, services.clock)
         self.guild_limits = RateLimiter(d.guild_rate_per_minute, services.clock)
+        self.feedback_limits = RateLimiter(FEEDBACK_PER_MINUTE, services.clock)
         self._warned: dict[Any, float] = {}
         self._settings: dict[int, tuple[float, Any]] = {}
 
@@ -383,7 +392,9 @@ class Core:
         async with channel.typing():
             # DMs use the base model: no guild, so no guild's adapter and nothing logged.
             result = await self.s.engine.generate(GenerationRequest(guild_id, msgs))
-        parts = split_reply(result.text) or ["…"]
+        # NUL bytes are never legitimate chat text (Discord rejects them, SQLite tools choke).
+        reply_text = result.text.replace("\x00", "")
+        parts = split_reply(reply_text) or ["…"]
         out = ChatOutcome(result=result)
         for i, part in enumerate(parts):
             out.reply_ids.append(await channel.send(part, first=i == 0,
@@ -392,7 +403,7 @@ class Core:
             context = [t.stored() for t in turns]
             res = await self._db(
                 self.s.store.log_interaction, guild_id, channel_id, user_id, context=context,
-                reply=result.text, request_message_id=request_message_id,
+                reply=reply_text, request_message_id=request_message_id,
                 reply_message_id=out.feedback_message_id, adapter_version=result.adapter_version,
                 tokens_in=result.tokens_in, tokens_out=result.tokens_out,
                 latency_ms=result.latency_ms)
@@ -410,11 +421,29 @@ class Core:
 
     # -- feedback --------------------------------------------------------------------------------
 
+    def feedback_limited(self, guild_id: int, user_id: int) -> str | None:
+        """The refusal when the member rated more than FEEDBACK_PER_MINUTE times, else None."""
+        wait = self.feedback_limits.retry_after((guild_id, user_id))
+        if wait <= 0:
+            return None
+        return (f"You are rating faster than I can note it; try again in "
+                f"{max(1, round(wait))} s.")
+
     async def rate(self, guild_id: int, message_id: int, user_id: int, rating: int) -> bool:
-        """Record a 👍 (+1) / 👎 (-1); False when nothing was stored (not opted in, not ours)."""
-        return await self._db(self.s.store.record_feedback, guild_id, message_id, user_id, rating)
+        """Record a 👍 (+1) / 👎 (-1); False when nothing was stored (not opted in, not ours,
+        or over the member's feedback rate limit)."""
+        if self.feedback_limited(guild_id, user_id) is not None:
+            log.debug("guild %s: feedback of member %s dropped (rate limit)", guild_id, user_id)
+            return False
+        stored = await self._db(self.s.store.record_feedback, guild_id, message_id, user_id,
+                                rating)
+        if stored:  # only stored ratings count: 👍 on members' messages are everyday Discord
+            self.feedback_limits.hit((guild_id, user_id))
+        return stored
 
     async def unrate(self, guild_id: int, message_id: int, user_id: int, rating: int) -> bool:
+        """Withdraw a rating. Never rate limited: a member taking a rating back is always
+        honoured (refusing it would keep data they withdrew)."""
         return await self._db(self.s.store.remove_feedback, guild_id, message_id, user_id, rating)
 
     async def suggest(self, guild_id: int, message_id: int, user_id: int, text: str) -> str:

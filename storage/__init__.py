@@ -19,11 +19,14 @@ from .store import (
     Store,
     StoreBusyError,
     StoreError,
+    check_backup,
     open_store,
+    restore_backup,
     utc_now,
 )
 
 __all__ = [
     "DELETED", "PLACEHOLDER", "AdapterVersion", "ForgetReport", "GuildSettings", "LogResult",
-    "Run", "Store", "StoreBusyError", "StoreError", "new_ulid", "open_store", "utc_now",
+    "Run", "Store", "StoreBusyError", "StoreError", "check_backup", "new_ulid", "open_store",
+    "restore_backup", "utc_now",
 ]

@@ -106,9 +106,10 @@ def test_one_member_liking_hundreds_of_replies_cannot_exceed_the_share(
     fan = 99
     for i in range(200):  # the fan likes 200 replies to 20 different requesters
         interaction(store, 100 + i % 20, f"question {i}", f"answer {i}", raters={fan: 1})
-    for i in range(40):  # 40 replies liked by others
+    for i in range(40):  # 40 replies liked by their requesters (members who chat, so their
+        # ratings are their own; one-off raters who never chat share one slice: test_hostile)
         interaction(store, 300 + i, f"other question {i}", f"other answer {i}",
-                    raters={400 + i: 1})
+                    raters={300 + i: 1})
     data = build_dataset(store, G, cfg)
     kept = [*data.train, *data.heldout]
     assert len(kept) > 40

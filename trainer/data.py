@@ -13,8 +13,22 @@ the target. Sources:
 Whose example is it? The requester (liked/disliked bot replies), the correction's author, the
 human reply's author - and every member who rated it, because a rating steers the model as much
 as writing does. ``max_user_share`` caps each of them: one member liking hundreds of replies
-cannot fill the dataset. ``contributors`` is wider: everyone whose text or rating is in an
+cannot fill the dataset. A rating counts against the share only when the example depends on
+it: a reply liked by its requester and by a fan who likes everything stays in (the fan's vote is
+set aside), so a fan cannot shrink the dataset either. ``contributors`` is wider: everyone whose text or rating is in an
 example, so that forgetting any of them taints the version.
+
+Rings of accounts. A per-member cap alone does not stop ten fresh accounts that opt in and only
+rate (or only suggest replies): each stays under the share while together they pick most of the
+dataset. So members who have never talked to the bot in this guild (fewer than
+``MIN_OWN_INTERACTIONS`` logged exchanges of their own: "rating-only" accounts) also count, all
+together, as one pseudo-member (``RATING_ONLY_GROUP``) under the same ``max_user_share``: any
+example they rated or wrote a correction for counts against that shared slice too. Rating-only
+members together therefore weigh as much as one member, however many accounts they are;
+members who chat with the bot keep their own full share. The requester rating their own reply
+adds no steerer and is never "rating-only". Limit: an account that chats once escapes the group
+(each chat is rate limited, logged and itself capped); a consent-age rule would also need the
+store to return when each rater opted in.
 
 This module does not import torch; tokenization happens in ``trainer.fit``.
 """
@@ -39,6 +53,10 @@ from .scrub import scrub
 log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
+# Logged exchanges with the bot a member needs in a guild before their ratings and corrections
+# count as their own rather than as part of the shared rating-only slice (see the docstring).
+MIN_OWN_INTERACTIONS = 1
+RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,22 @@ class Example:
     authors: frozenset[int] = frozenset()  # everyone whose text appears (for forgetting)
     weight: float = 1.0
     created_utc: str = ""
+    score: int = 0  # net rating (liked > 0, disliked < 0)
+    newcomers: frozenset[int] = frozenset()  # steerers who never chatted with the bot here
+
+    @property
+    def rating_only(self) -> bool:
+        """Steered by a member who never chatted with the bot in this guild."""
+        return bool(self.newcomers)
+
+    @property
+    def cap_keys(self) -> set[int]:
+        """What the share cap counts this example against: its steerers, plus the shared
+        rating-only slice when a rating-only member steered it."""
+        keys = self.steerers
+        if self.newcomers:
+            keys.add(RATING_ONLY_GROUP)
+        return keys
 
     @property
     def key(self) -> str:
@@ -129,6 +163,13 @@ def _context_turns(context: list[dict[str, Any]]) -> tuple[list[tuple[str, str]]
 def examples_from_interactions(rows: Iterable[dict[str, Any]], system: str,
                                correction_weight: float) -> list[Example]:
     """Liked, corrected and disliked bot replies (rows of ``Store.rated_interactions``)."""
+    rows = list(rows)
+    # The rows are every logged exchange of still-consented members: who has chatted here.
+    own = Counter(int(r["user_id"]) for r in rows)
+
+    def newcomers(members: Iterable[int]) -> frozenset[int]:
+        return frozenset(u for u in members if own[u] < MIN_OWN_INTERACTIONS)
+
     out: list[Example] = []
     for row in rows:
         turns, authors = _context_turns(row.get("context") or [])
@@ -140,19 +181,21 @@ def examples_from_interactions(rows: Iterable[dict[str, Any]], system: str,
         base_authors = frozenset(authors | {owner} | set(raters))
         score = int(row.get("score") or 0)
         reply = _clean(row.get("reply"))
+        new = newcomers(raters - {owner})
         if reply and score > 0:
             out.append(Example((*prompt, ("assistant", reply)), "liked", owner, raters,
-                               base_authors, 1.0, row.get("created_utc") or ""))
+                               base_authors, 1.0, row.get("created_utc") or "", score, new))
         elif reply and score < 0:
             out.append(Example((*prompt, ("assistant", reply)), "disliked", owner, raters,
-                               base_authors, 1.0, row.get("created_utc") or ""))
+                               base_authors, 1.0, row.get("created_utc") or "", score, new))
         for corr in row.get("corrections") or []:
             text = _clean(corr.get("text"))
             if text:
                 author = int(corr["user_id"])
                 out.append(Example((*prompt, ("assistant", text)), "correction", author,
                                    frozenset(), frozenset(authors | {owner, author}),
-                                   correction_weight, corr.get("created_utc") or ""))
+                                   correction_weight, corr.get("created_utc") or "", 0,
+                                   newcomers([author])))
     return out
 
 
@@ -192,9 +235,34 @@ def dedupe(examples: Iterable[Example]) -> list[Example]:
     return [ex for k, ex in seen.items() if k not in conflicted]
 
 
+def _counted(ex: Example, counts: Counter[int], limit: int) -> set[int] | None:
+    """The keys ``ex`` counts against if it is selected now, or None when it cannot be.
+
+    A rater at their limit is set aside rather than dropping the example when the example does
+    not depend on them: its net rating keeps its sign even if every set-aside rating were
+    removed. The example is then exactly what it would be without them, so it does not count
+    against them. Without this, one member rating every reply would shrink the whole dataset to
+    a single example (a denial of training by a fan or a ring).
+    """
+    keys = ex.cap_keys
+    if all(counts[k] < limit for k in keys):
+        return keys
+    drop = {u for u in ex.raters if u != ex.owner and counts[u] >= limit}
+    if counts[RATING_ONLY_GROUP] >= limit:
+        drop |= ex.newcomers - {ex.owner}
+    margin = (ex.score if ex.kind == "liked" else -ex.score) - len(drop)
+    if not drop or margin <= 0 or ex.kind not in ("liked", "disliked"):
+        return None
+    rest = ex.steerers - drop
+    if ex.newcomers - drop:
+        rest.add(RATING_ONLY_GROUP)
+    return rest if all(counts[k] < limit for k in rest) else None
+
+
 def cap_user_share(examples: list[Example], share: float, budget: int) -> list[Example]:
     """Newest-first selection of at most ``budget`` examples in which no member steers (owns or
-    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples.
+    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples; rating-only
+    members count together as one (``Example.cap_keys``).
 
     The limit depends on the final size, which depends on the limit; iterate until the selection
     fits its own limit (the size only shrinks, so this ends).
@@ -208,8 +276,8 @@ def cap_user_share(examples: list[Example], share: float, budget: int) -> list[E
         for ex in ordered:
             if len(chosen) >= target:
                 break
-            who = ex.steerers
-            if any(counts[u] >= limit for u in who):
+            who = _counted(ex, counts, limit)
+            if who is None:
                 continue
             counts.update(who)
             chosen.append(ex)
@@ -255,7 +323,9 @@ def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
         contributors.update(ex.authors | ex.steerers)
     by_kind = Counter(e.kind for e in kept)
     stats = {"raw": len(raw), "unique": len(unique), "kept": len(kept),
-             "capped_out": len(unique) - len(kept), **{f"n_{k}": v for k, v in by_kind.items()},
+             "capped_out": len(unique) - len(kept),
+             "rating_only": sum(e.rating_only for e in kept),
+             **{f"n_{k}": v for k, v in by_kind.items()},
              "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives)}
     log.info("guild %s dataset: %s", guild_id, stats)
     return Dataset(guild_id, train, heldout, negatives,

@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import socket
 import threading
 import time
@@ -135,6 +136,20 @@ def _child_main(cfg: Config, run_id: int, guild_id: int, force: bool, worker: st
 
 # -- the parent side ----------------------------------------------------------------------------
 
+def _death_reason(exitcode: int | None) -> str:
+    """Why a training child ended without a report, for the run's error and the admin."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        # The kernel's out-of-memory killer sends SIGKILL: say so, it is the usual cause.
+        hint = (" (out of memory? the kernel's OOM killer sends SIGKILL)"
+                if -exitcode == signal.SIGKILL else "")
+        return f"training process was killed by {name}{hint}; see the worker log"
+    return f"training process died (exit code {exitcode}); see the worker log"
+
+
 def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
                 model_name: str | None = None, isolate: bool = True) -> str:
     """Train a claimed run and close it. Returns the final status.
@@ -180,8 +195,7 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
                     try:
                         kind, payload = out.get(timeout=1.0)
                     except queue_mod.Empty:
-                        outcome = ("error", f"training process died (exit code "
-                                            f"{child.exitcode}); see the worker log")
+                        outcome = ("error", _death_reason(child.exitcode))
                         break
                 else:
                     continue
