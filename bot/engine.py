@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from guildtune.prompting import render_ids, special_strings
+
 if TYPE_CHECKING:
     from guildtune.config import LoraConfig, ModelConfig
     from guildtune.models import LoadedModel
@@ -278,9 +280,7 @@ class LocalEngine(Engine):
         self._eos = self._eos_ids()
         self._pad = (self._tok.pad_token_id if self._tok.pad_token_id is not None
                      else self._eos[0])
-        self._specials = sorted({t for t in self._tok.all_special_tokens if t}
-                                | {str(t) for t in getattr(self._tok, "added_tokens_encoder", {})},
-                                key=len, reverse=True)
+        self._specials = special_strings(self._tok)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -507,33 +507,8 @@ class LocalEngine(Engine):
     def render_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the chat with a generation prompt; template-token text inside message
         content stays plain text (only the template adds special tokens)."""
-        from guildtune.models import chat_ids
-
-        if not any(s in m.get("content", "") for m in messages for s in self._specials):
-            return chat_ids(self._tok, messages)  # common case: exactly what the trainer sees
-        # Render with placeholders, then tokenize template parts normally and user content with
-        # split_special_tokens so "<|im_start|>" typed by a user is not a control token.
-        marks = [f"\u2063GTMSG{i}\u2063" for i in range(len(messages))]
-        templ = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
-        text = self._tok.apply_chat_template(templ, add_generation_prompt=True, tokenize=False)
-        ids: list[int] = []
-        pos = 0
-        for i, m in enumerate(messages):
-            at = text.find(marks[i], pos)
-            if at < 0:  # the template transformed the content: fall back to escaping
-                return chat_ids(self._tok, [self._escaped(m) for m in messages])
-            ids += self._tok(text[pos:at], add_special_tokens=False)["input_ids"]
-            ids += self._tok(m["content"], add_special_tokens=False,
-                             split_special_tokens=True)["input_ids"]
-            pos = at + len(marks[i])
-        ids += self._tok(text[pos:], add_special_tokens=False)["input_ids"]
-        return ids
-
-    def _escaped(self, m: dict[str, str]) -> dict[str, str]:
-        content = m.get("content", "")
-        for s in self._specials:
-            content = content.replace(s, s[:1] + "\u200b" + s[1:])
-        return {**m, "content": content}
+        return render_ids(self._tok, messages, add_generation_prompt=True,
+                          specials=self._specials)
 
     def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
         """Rendered prompt trimmed to max_context_tokens - max_new_tokens: leading system

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from bot.engine import AdapterError, GenerationRequest, GenerationResult
 from bot.services import Services
 from guildtune.prompting import merge_turns
+from storage.store import StoreBusyError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ PERSONA_MAX_CHARS = 1500
 SETTINGS_TTL_S = 30.0
 CHARS_PER_TOKEN = 3  # conservative: the engine truncates exactly, this only keeps prompts sane
 FENCE_LANG_MAX = 24  # a reopened code fence keeps its language only when it looks like one
-# Ratings one member may add per guild and minute. Reactions are free to spam (add/remove in a
-# loop, or a script): each one is a write transaction, and a flood must not become a flood of
-# writes nor let one member's clicks churn the training data. Withdrawals are never refused.
-FEEDBACK_PER_MINUTE = 20
 
 OPERATOR_TRAINING_OFF = (
     "Training is switched off by the bot's operator (`training.enabled = false` in the config). "
@@ -315,7 +312,9 @@ class Core:
         d = services.config.discord
         self.user_limits = RateLimiter(d.user_rate_per_minute, services.clock)
         self.guild_limits = RateLimiter(d.guild_rate_per_minute, services.clock)
-        self.feedback_limits = RateLimiter(FEEDBACK_PER_MINUTE, services.clock)
+        # Reactions are free to spam (add/remove in a loop): each is a write transaction, and a
+        # flood must not become a flood of writes nor churn the training data.
+        self.feedback_limits = RateLimiter(d.feedback_per_minute, services.clock)
         self._warned: dict[Any, float] = {}
         self._settings: dict[int, tuple[float, Any]] = {}
 
@@ -401,12 +400,18 @@ class Core:
                                                     last=i == len(parts) - 1))
         if guild_id is not None:
             context = [t.stored() for t in turns]
-            res = await self._db(
-                self.s.store.log_interaction, guild_id, channel_id, user_id, context=context,
-                reply=reply_text, request_message_id=request_message_id,
-                reply_message_id=out.feedback_message_id, adapter_version=result.adapter_version,
-                tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-                latency_ms=result.latency_ms)
+            try:
+                res = await self._db(
+                    self.s.store.log_interaction, guild_id, channel_id, user_id,
+                    context=context, reply=reply_text, request_message_id=request_message_id,
+                    reply_message_id=out.feedback_message_id,
+                    adapter_version=result.adapter_version, tokens_in=result.tokens_in,
+                    tokens_out=result.tokens_out, latency_ms=result.latency_ms)
+            except StoreBusyError as exc:
+                # The member has their answer; only the training signal of this one exchange
+                # is lost, and the log says so (the store already retried).
+                log.warning("guild %s: reply sent but not logged: %s", guild_id, exc)
+                return out
             out.logged, out.interaction_id = res.stored, res.interaction_id
         return out
 
@@ -422,7 +427,8 @@ class Core:
     # -- feedback --------------------------------------------------------------------------------
 
     def feedback_limited(self, guild_id: int, user_id: int) -> str | None:
-        """The refusal when the member rated more than FEEDBACK_PER_MINUTE times, else None."""
+        """The refusal when the member rated more than ``discord.feedback_per_minute`` times in
+        the last minute, else None."""
         wait = self.feedback_limits.retry_after((guild_id, user_id))
         if wait <= 0:
             return None

@@ -81,7 +81,16 @@ async def serve(cfg: Config, *, worker: bool = True) -> None:
     proc = spawn_worker(cfg) if worker else None
     try:
         async with GuildTuneBot(cfg) as bot:
-            await bot.start(token)
+            try:
+                await bot.start(token)
+            except discord.LoginFailure:
+                raise ConfigError(f"Discord refused the token in {ENV_TOKEN} (wrong, revoked or "
+                                  "not a bot token): copy it again from the Developer Portal, "
+                                  "Bot tab") from None
+            except discord.PrivilegedIntentsRequired:
+                raise ConfigError("the Message Content intent is not enabled for this bot: turn "
+                                  "it on in the Developer Portal, Bot tab, Privileged Gateway "
+                                  "Intents") from None
     finally:
         if proc is not None and proc.poll() is None:
             proc.terminate()

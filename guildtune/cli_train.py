@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     if active is not None:
         # Evaluate the adapter on the base it was trained on (named in its config snapshot).
         model_name = (active.config.get("model") or {}).get("name") or model_name
-    from trainer.evaluate import adapter_loss, base_loss
+    from trainer.evaluate import base_loss
     from trainer.pipeline import load_base
 
     lm = load_base(cfg, model_name)

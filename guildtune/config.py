@@ -53,6 +53,7 @@ class DiscordConfig:
     guild_rate_per_minute: int = 30
     admin_log_channel: int = 0
     retrain_cooldown_minutes: int = 30
+    feedback_per_minute: int = 20
     # Read from the environment at load time, never from the file; hidden from repr.
     token: str = field(default="", repr=False)
 
@@ -62,6 +63,7 @@ class DiscordConfig:
         _positive("discord.guild_rate_per_minute", self.guild_rate_per_minute)
         _non_negative("discord.admin_log_channel", self.admin_log_channel)
         _non_negative("discord.retrain_cooldown_minutes", self.retrain_cooldown_minutes)
+        _positive("discord.feedback_per_minute", self.feedback_per_minute)
 
 
 @dataclass(frozen=True)
@@ -199,10 +201,12 @@ class TrainingConfig:
 class PrivacyConfig:
     retention_days: int = 365
     max_user_share: float = 0.25
+    min_own_interactions: int = 1
 
     def validate(self) -> None:
         _non_negative("privacy.retention_days", self.retention_days)
         _fraction("privacy.max_user_share", self.max_user_share)
+        _non_negative("privacy.min_own_interactions", self.min_own_interactions)
 
 
 @dataclass(frozen=True)

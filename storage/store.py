@@ -635,7 +635,12 @@ class Store:
                               [user_id, *gp])
             for r in rows:
                 if "context_json" in r:
-                    r["context"] = json.loads(r.pop("context_json"))
+                    # Other members' messages the caller saw stay (it is the caller's
+                    # conversation), but not who wrote them.
+                    r["context"] = [
+                        e if e.get("author_id") in (None, str(user_id)) else
+                        {**e, "author_id": None, "message_id": None}
+                        for e in json.loads(r.pop("context_json"))]
                 for k, v in list(r.items()):
                     if k.endswith("_id") and isinstance(v, int):
                         r[k] = str(v)  # Discord snowflakes exceed JavaScript's safe integers

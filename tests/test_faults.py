@@ -627,10 +627,6 @@ async def test_locked_database_during_chat_the_reply_still_goes_out(tmp_path: Pa
         assert "is locked by another process" in str(raised) and "\n" not in str(raised)
 
 
-@pytest.mark.xfail(strict=True, reason="bot/handlers.py Core.chat lets StoreBusyError from "
-                   "log_interaction escape after the reply was sent: the caller (the cog's "
-                   "on_message) gets an exception for a message that was answered; chat should "
-                   "log a warning and return an outcome with logged=False")
 async def test_locked_database_during_chat_returns_unlogged_outcome(tmp_path: Path) -> None:
     channel, outcome, raised = await _chat_while_locked(tmp_path)
     assert raised is None, f"{type(raised).__name__}: {raised}"

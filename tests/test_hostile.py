@@ -25,11 +25,11 @@ from discord.ext.test import backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.handlers import (DISCORD_LIMIT, FEEDBACK_PER_MINUTE, Core, Turn, chat_messages,
+from bot.handlers import (DISCORD_LIMIT, Core, Turn, chat_messages,
                           split_reply)
 from guildtune.config import Config, parse_config
 from storage import Store, open_store
-from tests.fakes import FakeEngine, make_services
+from tests.fakes import make_services
 from tests.test_cog_discord import env, reaction_patch, sent  # noqa: F401  (fixtures)
 from trainer.data import RATING_ONLY_GROUP, build_dataset
 
@@ -405,7 +405,7 @@ async def test_feedback_bursts_are_rate_limited(tmp_path: Path) -> None:
         mid = replies[k % 3]
         stored += await core.rate(G, mid, ALICE, 1 if k % 2 else -1)
         await core.unrate(G, mid, ALICE, 1 if k % 2 else -1)  # withdrawals always honoured
-    assert stored == FEEDBACK_PER_MINUTE
+    assert stored == s.config.discord.feedback_per_minute == 20
     assert "try again" in (core.feedback_limited(G, ALICE) or "")
     assert core.feedback_limited(G, BOB) is None and await core.rate(G, 500, BOB, 1)
     assert core.feedback_limited(G + 1, ALICE) is None  # per guild

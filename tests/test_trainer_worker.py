@@ -11,7 +11,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 
 from guildtune.config import Config, parse_config
 from storage import Store, open_store

@@ -21,7 +21,7 @@ example, so that forgetting any of them taints the version.
 Rings of accounts. A per-member cap alone does not stop ten fresh accounts that opt in and only
 rate (or only suggest replies): each stays under the share while together they pick most of the
 dataset. So members who have never talked to the bot in this guild (fewer than
-``MIN_OWN_INTERACTIONS`` logged exchanges of their own: "rating-only" accounts) also count, all
+``privacy.min_own_interactions`` logged exchanges of their own: "rating-only" accounts) also count, all
 together, as one pseudo-member (``RATING_ONLY_GROUP``) under the same ``max_user_share``: any
 example they rated or wrote a correction for counts against that shared slice too. Rating-only
 members together therefore weigh as much as one member, however many accounts they are;
@@ -53,9 +53,6 @@ from .scrub import scrub
 log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
-# Logged exchanges with the bot a member needs in a guild before their ratings and corrections
-# count as their own rather than as part of the shared rating-only slice (see the docstring).
-MIN_OWN_INTERACTIONS = 1
 RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
 
 
@@ -161,14 +158,15 @@ def _context_turns(context: list[dict[str, Any]]) -> tuple[list[tuple[str, str]]
 
 
 def examples_from_interactions(rows: Iterable[dict[str, Any]], system: str,
-                               correction_weight: float) -> list[Example]:
+                               correction_weight: float,
+                               min_own_interactions: int = 1) -> list[Example]:
     """Liked, corrected and disliked bot replies (rows of ``Store.rated_interactions``)."""
     rows = list(rows)
     # The rows are every logged exchange of still-consented members: who has chatted here.
     own = Counter(int(r["user_id"]) for r in rows)
 
     def newcomers(members: Iterable[int]) -> frozenset[int]:
-        return frozenset(u for u in members if own[u] < MIN_OWN_INTERACTIONS)
+        return frozenset(u for u in members if own[u] < min_own_interactions)
 
     out: list[Example] = []
     for row in rows:
@@ -302,7 +300,7 @@ def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
     t = cfg.training
     system = system_prompt(store, guild_id, cfg.model.system_prompt)
     raw = examples_from_interactions(store.rated_interactions(guild_id), system,
-                                     t.correction_weight)
+                                     t.correction_weight, cfg.privacy.min_own_interactions)
     if store.guild_settings(guild_id).learn_from_humans:
         raw += examples_from_pairs(store.reply_pairs(guild_id), system)
     raw.sort(key=lambda e: e.created_utc, reverse=True)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from guildtune.prompting import render_ids
+
 from .data import Example
 
 if TYPE_CHECKING:
@@ -78,8 +80,8 @@ class FitResult:
 # -- 1. tokenization ------------------------------------------------------------------------------
 
 def _render(tokenizer: Any, chat: list[dict[str, str]], gen_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(chat, add_generation_prompt=gen_prompt,
-                                              tokenize=True, return_dict=False))
+    # The engine's rendering: typed template tokens stay text, in training as in serving.
+    return render_ids(tokenizer, chat, add_generation_prompt=gen_prompt)
 
 
 def encode(tokenizer: Any, example: Example, max_len: int) -> Encoded | None:
