@@ -974,9 +974,9 @@ class Store:
         if problem:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"backup of {self.path} failed its integrity check: {problem}")
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, dest)
-        _fsync_file(dest.parent)
+        fsync_path(dest.parent)
         log.info("backed up %s to %s", self.path, dest)
         return dest
 
@@ -984,7 +984,8 @@ class Store:
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1058,7 +1059,7 @@ def restore_backup(src: str | os.PathLike[str], db_path: str | os.PathLike[str],
     finally:
         source.close()
     target.close()
-    _fsync_file(tmp)
+    fsync_path(tmp)
 
     kept: Path | None = None
     if db.exists():
@@ -1088,7 +1089,7 @@ def restore_backup(src: str | os.PathLike[str], db_path: str | os.PathLike[str],
             if side.exists():
                 os.replace(side, Path(str(kept) + suffix))
     os.replace(tmp, db)
-    _fsync_file(db.parent)
+    fsync_path(db.parent)
     log.info("restored %s from %s (previous database kept as %s)", db, src, kept)
     return kept
 

@@ -311,15 +311,9 @@ def make_cfg(tmp_path: Path, **model: object) -> Config:
 
 
 def import_pairs(store: Store, guild: int, n: int = 60) -> None:
-    rows = []
-    for i in range(n):
-        rows.append({"message_id": 2 * i + 1, "user_id": 1 + i % 9, "text": f"question {i}?",
-                     "created_utc": f"2024-02-01T00:{i % 60:02d}:00"})
-        rows.append({"message_id": 2 * i + 2, "user_id": 2 + i % 9, "text": f"answer {i} ok",
-                     "reply_to_message_id": 2 * i + 1,
-                     "created_utc": f"2024-02-01T00:{i % 60:02d}:01"})
-    store.import_messages(guild, rows)
-    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
+    from tests.test_trainer_worker import import_pairs as pairs
+
+    pairs(store, guild, n)
 
 
 @pytest.fixture

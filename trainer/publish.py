@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage import utc_now
+from storage.store import fsync_path, utc_now
 
 if TYPE_CHECKING:
     from guildtune.config import Config
@@ -29,18 +29,10 @@ SNAPSHOT_FILE = "config_snapshot.json"
 TMP_PREFIX = ".tmp-"
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*"), reverse=True):  # files before their dirs
-        _fsync_path(p)
-    _fsync_path(root)
+        fsync_path(p)
+    fsync_path(root)
 
 
 def guild_dir(cfg: Config, guild_id: int) -> Path:
@@ -82,7 +74,7 @@ def write_version_dir(peft_model: Any, final: Path, meta: dict[str, Any],
             os.rename(final, orphan)
             shutil.rmtree(orphan, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
