@@ -158,3 +158,28 @@ def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None
         return n
 
     assert asyncio.run(in_loop()) == 3
+
+
+def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
+    """privacy.retention_days is applied by a scheduler job (daily, and once at start)."""
+
+    from trainer.schedule import RETENTION_JOB, purge_expired
+
+    cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 30}},
+                       env={})
+    store = open_store(cfg.db_path)
+    store.grant_consent(1, 5)
+    store.log_interaction(1, 2, 5, context=[], reply="old")
+    store.db.execute("UPDATE interactions SET created_utc = ?",  # age the row by 40 days
+                     [(datetime.now(UTC) - timedelta(days=40)).strftime("%Y-%m-%dT%H:%M:%S.000Z")])
+    store.log_interaction(1, 2, 5, context=[], reply="new")
+    sched = make_scheduler(store, cfg, asyncio=False, background=True)
+    job = sched.get_job(RETENTION_JOB)
+    assert job is not None
+    assert purge_expired(store, cfg) == {"interactions": 1, "messages": 0}
+    assert [r["reply"] for r in store.rated_interactions(1)] == ["new"]
+    off = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 0}},
+                       env={})
+    assert make_scheduler(store, off, asyncio=False, background=True).get_job(RETENTION_JOB) \
+        is None
+    store.close()

@@ -4,7 +4,8 @@ One cron job per guild with training enabled (the guild's own schedule, else
 ``training.schedule``), each calling ``enqueue_if_due``: a run is queued when at least
 ``training.min_new_examples`` new examples arrived since the active version was activated. A
 sync job re-reads guild settings every few minutes and adds, moves or drops the cron jobs.
-The store deduplicates: one queued or running run per guild.
+The store deduplicates: one queued or running run per guild. A daily job (and one at start)
+applies the retention period, ``privacy.retention_days``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ log = logging.getLogger(__name__)
 
 SYNC_MINUTES = 5
 JOB_PREFIX = "guildtune-train-"
+RETENTION_JOB = "guildtune-retention"
+
+
+def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
+    """Retention: delete interactions and messages older than ``privacy.retention_days``."""
+    deleted = store.purge_older_than(cfg.privacy.retention_days)
+    if any(deleted.values()):
+        log.info("retention (%s days): deleted %s", cfg.privacy.retention_days, deleted)
+    return deleted
 
 
 def enqueue_if_due(store: Store, cfg: Config, guild_id: int) -> int | None:
@@ -109,7 +119,17 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
         from apscheduler.schedulers.blocking import BlockingScheduler
         scheduler = BlockingScheduler(**opts)
     sync_jobs(scheduler, store, cfg)
-    scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES), args=(scheduler, store, cfg),
-                      id="guildtune-sync", replace_existing=True,
+    scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
+                      args=(scheduler, store, cfg), id="guildtune-sync", replace_existing=True,
                       name="sync guild training schedules")
+    if cfg.privacy.retention_days > 0:
+        from datetime import UTC, datetime
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        # Daily, and once as soon as the scheduler starts (a bot restarted every night would
+        # otherwise never reach the daily slot).
+        scheduler.add_job(purge_expired, CronTrigger(hour=3, minute=30, timezone="UTC"),
+                          args=(store, cfg), id=RETENTION_JOB, replace_existing=True,
+                          next_run_time=datetime.now(UTC), name="apply the retention period")
     return scheduler
