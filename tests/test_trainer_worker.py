@@ -162,7 +162,6 @@ def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None
 
 def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     """privacy.retention_days is applied by a scheduler job (daily, and once at start)."""
-
     from trainer.schedule import RETENTION_JOB, purge_expired
 
     cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 30}},
