@@ -625,6 +625,11 @@ class LocalEngine(Engine):
     def _do_activate(self, guild_id: int, version: int, path: Path) -> None:
         from peft.utils.hotswap import hotswap_adapter
 
+        if self._wanted.get(guild_id) == (version, path) and \
+                self._resident.get(guild_id) == version:
+            # Already serving exactly this version (two pollers raced): versions are immutable,
+            # so there is nothing to swap.
+            return
         if guild_id in self._resident:
             t0 = time.perf_counter()
             try:

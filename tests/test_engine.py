@@ -292,3 +292,20 @@ async def test_create_engine_local() -> None:
         assert (await eng.generate(req(None))).text
     finally:
         await eng.close()
+
+
+async def test_activating_the_serving_version_again_is_a_no_op(make_engine, factory,
+                                                               caplog) -> None:
+    """Two pollers that both see a new version must not load it twice."""
+    import logging
+
+    eng = await make_engine()
+    v1 = factory.make(7, 1, 71)
+    await eng.activate(7, 1, v1)
+    before = await text_of(eng, 7)
+    caplog.set_level(logging.INFO, logger="bot.engine")
+    caplog.clear()
+    await asyncio.gather(eng.activate(7, 1, v1), eng.activate(7, 1, v1))
+    assert not [r for r in caplog.records if "hot-swapped" in r.getMessage()
+                or "loaded adapter" in r.getMessage()]
+    assert eng.active_versions() == {7: 1} and await text_of(eng, 7) == before
