@@ -22,14 +22,18 @@ def matrix_chart(matrix: dict[str, dict[str, float]], path: Path) -> Path:
     im = ax.imshow(values, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(cols)), [f"{c} data" for c in cols])
     ax.set_yticks(range(len(rows)), rows)
-    for i, row in enumerate(values):
-        finite = [v for v in row if not math.isnan(v)]
-        best = min(finite) if finite else None
-        for j, v in enumerate(row):
+    finite = [v for row in values for v in row if not math.isnan(v)]
+    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
+    for j in range(len(cols)):
+        column = [values[i][j] for i in range(len(rows)) if not math.isnan(values[i][j])]
+        best = min(column) if column else None  # the best model on this guild's data
+        for i in range(len(rows)):
+            v = values[i][j]
             if not math.isnan(v):
+                # viridis_r is light at low values: dark text there, white on dark cells.
                 ax.text(j, i, f"{v:.3f}" + (" *" if v == best else ""), ha="center",
-                        va="center", color="white", fontsize=9)
-    ax.set_title("held-out loss per token (lower is better)")
+                        va="center", color="black" if v < mid else "white", fontsize=9)
+    ax.set_title("held-out loss per token (* best on that data)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path)
@@ -48,10 +52,10 @@ def like_rate_chart(rates: dict[str, dict[str, float]], path: Path) -> Path:
         for x, y in zip(xs, ys):
             ax.text(x, y + 1, f"{y:.0f}%", ha="center", fontsize=8)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)
     ax.set_ylabel("replies liked (%)")
     ax.set_title("simulated members' like-rate")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     return path
