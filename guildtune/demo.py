@@ -83,7 +83,7 @@ def _words(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z][a-z']{3,}", text.lower()) if w not in _STOP]
 
 
-def community_from_file(path: Path, others: list[list[ChatMessage]], index: int) -> Community:
+def community_from_file(path: Path, others: list[list[ChatMessage]]) -> Community:
     """A community read from a file; its members like replies with its most distinctive words
     (frequent here, rare in the other files)."""
     mine = read_community(path)
@@ -99,7 +99,7 @@ def community_from_file(path: Path, others: list[list[ChatMessage]], index: int)
                              "members do.")
 
 
-def build_guilds(data: list[Path], n_prompts: int) -> list[DemoGuild]:
+def build_guilds(data: list[Path]) -> list[DemoGuild]:
     """The built-in two communities, or one guild per file given with --data."""
     guilds = []
     if not data:
@@ -109,7 +109,7 @@ def build_guilds(data: list[Path], n_prompts: int) -> list[DemoGuild]:
         return guilds
     loaded = [read_community(p) for p in data]
     for i, (path, msgs) in enumerate(zip(data, loaded)):
-        c = community_from_file(path, [m for j, m in enumerate(loaded) if j != i], i)
+        c = community_from_file(path, [m for j, m in enumerate(loaded) if j != i])
         rng = random.Random(i)
         parents = [p.text for p, _ in reply_pairs(msgs) if 8 <= len(p.text) <= 200]
         rng.shuffle(parents)
@@ -454,6 +454,6 @@ def demo_config(base: Config, out: Path, model: str | None) -> Config:
 
 def run_demo(cfg: Config, out: Path, data: list[Path], rounds: int, console: Any) -> Path:
     """Run the demo and return the report's path."""
-    guilds = build_guilds(data, rounds)
+    guilds = build_guilds(data)
     demo = Demo(cfg, out, guilds, rounds, console)
     return asyncio.run(demo.run())

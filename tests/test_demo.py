@@ -36,3 +36,34 @@ def test_demo_runs_end_to_end_with_the_tiny_model(tmp_path: Path) -> None:
             assert m["interactions_stored"] > 0
     assert data["privacy"]["non_consented_ids_in_contexts"] == 0
     assert data["privacy"]["placeholders"] > 0  # their messages were seen, stored as placeholders
+
+
+def test_demo_guilds_from_community_files(tmp_path: Path) -> None:
+    """--data: one guild per file (community JSONL or DiscordChatExporter JSON); each guild's
+    members like the words that set its community apart."""
+    from guildtune.demo import build_guilds
+
+    jsonl = tmp_path / "irc-cargo.jsonl"
+    rows = []
+    for i in range(20):
+        rows.append({"part": 0, "seq": 2 * i, "author_id": 1, "text": f"how do I build crate {i}?",
+                     "reply_to": []})
+        rows.append({"part": 0, "seq": 2 * i + 1, "author_id": 2, "reply_to": [2 * i],
+                     "text": "use cargo build with the release profile, cargo handles it"})
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    export = tmp_path / "bakers.json"
+    msgs = []
+    for i in range(20):
+        msgs.append({"id": str(1000 + 2 * i), "type": "Default", "timestamp": "",
+                     "content": f"what flour for loaf {i}?", "author": {"id": "7", "name": "a"}})
+        msgs.append({"id": str(1001 + 2 * i), "type": "Reply", "timestamp": "",
+                     "content": "sourdough starter and rye flour, knead gently",
+                     "author": {"id": "8", "name": "b"},
+                     "reference": {"messageId": str(1000 + 2 * i)}})
+    export.write_text(json.dumps({"channel": {"name": "bread"}, "messages": msgs}))
+    cargo, bakers = build_guilds([jsonl, export])
+    assert (cargo.name, bakers.name) == ("cargo", "bakers")
+    assert cargo.guild_id != bakers.guild_id and len(cargo.history) == 40
+    assert "cargo" in cargo.community.liked_words and "cargo" not in bakers.community.liked_words
+    assert bakers.community.likes("try a sourdough starter")
+    assert cargo.prompts and all("crate" in p for p in cargo.prompts)
