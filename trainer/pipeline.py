@@ -68,8 +68,15 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     t0 = time.perf_counter()
     data = build_dataset(store, guild_id, cfg)
     if not data.train:
-        raise TrainingError(f"guild {guild_id} has no training examples yet (liked replies, "
-                            "corrections, or member replies with learn_from_humans on)")
+        st = data.stats
+        if not st.get("unique"):
+            raise TrainingError(f"guild {guild_id} has no training examples yet (liked replies, "
+                                "corrections, or member replies with learn_from_humans on)")
+        raise TrainingError(
+            f"guild {guild_id} has {st['unique']} examples but none left to train on: "
+            f"{st.get('capped_out', 0)} set aside by the per-member share cap "
+            f"(privacy.max_user_share = {cfg.privacy.max_user_share}: a community model needs "
+            f"data from several members), {st.get('n_heldout', 0)} held out for the gate")
     if not data.heldout and not force:
         raise TrainingError(f"guild {guild_id} has too few examples to hold any out for the "
                             f"evaluation gate ({len(data.train)} examples)")
