@@ -147,7 +147,8 @@ def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None
     store.update_guild_settings(3, schedule="*/5 * * * *")
     sched = make_scheduler(store, cfg, asyncio=False, background=True)
     jobs = {j.id: j for j in sched.get_jobs()}
-    assert set(jobs) == {"guildtune-train-1", "guildtune-train-3", "guildtune-sync"}
+    assert set(jobs) == {"guildtune-train-1", "guildtune-train-3", "guildtune-sync",
+                         "guildtune-retention"}
     assert "*/5" in str(jobs["guildtune-train-3"].trigger)
 
     async def in_loop() -> int:
@@ -157,11 +158,11 @@ def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None
         s.shutdown(wait=False)
         return n
 
-    assert asyncio.run(in_loop()) == 3
+    assert asyncio.run(in_loop()) == 4  # the three above + the daily retention job
 
 
 def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
-    """privacy.retention_days is applied by a scheduler job (daily, and once at start)."""
+    """privacy.retention_days is applied by a scheduler job (daily, and soon after start)."""
     from trainer.schedule import RETENTION_JOB, purge_expired
 
     cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 30}},

@@ -4,7 +4,7 @@ One cron job per guild with training enabled (the guild's own schedule, else
 ``training.schedule``), each calling ``enqueue_if_due``: a run is queued when at least
 ``training.min_new_examples`` new examples arrived since the active version was activated. A
 sync job re-reads guild settings every few minutes and adds, moves or drops the cron jobs.
-The store deduplicates: one queued or running run per guild. A daily job (and one at start)
+The store deduplicates: one queued or running run per guild. A daily job (and one a minute after start)
 applies the retention period, ``privacy.retention_days``.
 """
 
@@ -123,13 +123,14 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
                       args=(scheduler, store, cfg), id="guildtune-sync", replace_existing=True,
                       name="sync guild training schedules")
     if cfg.privacy.retention_days > 0:
-        from datetime import UTC, datetime
+        from datetime import UTC, datetime, timedelta
 
         from apscheduler.triggers.cron import CronTrigger
 
-        # Daily, and once as soon as the scheduler starts (a bot restarted every night would
-        # otherwise never reach the daily slot).
+        # Daily, and once a minute after start (a bot restarted every night would otherwise
+        # never reach the daily slot; the minute keeps it out of the start-up rush).
         scheduler.add_job(purge_expired, CronTrigger(hour=3, minute=30, timezone="UTC"),
                           args=(store, cfg), id=RETENTION_JOB, replace_existing=True,
-                          next_run_time=datetime.now(UTC), name="apply the retention period")
+                          next_run_time=datetime.now(UTC) + timedelta(minutes=1),
+                          name="apply the retention period")
     return scheduler
