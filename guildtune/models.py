@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -259,10 +259,3 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
     model.eval()
     return LoadedModel(model, tok, name, base_id, dev, dt)
 
-
-def chat_ids(tokenizer: Any, messages: list[dict[str, str]], *,
-             add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat rendered with the model's template."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, return_dict=False)
-    return list(out)

@@ -344,14 +344,26 @@ class Store:
         rows = self.db.execute("SELECT user_id FROM consents WHERE guild_id = ?", [guild_id])
         return {r[0] for r in rows}
 
-    def redact_context(self, guild_id: int, context: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _granted(self, guild_id: int, users: Iterable[Any]) -> dict[int, str]:
+        """user -> consent time, for just these users (a message's handful of authors, not the
+        whole guild's consent table on every message)."""
+        ids = sorted({int(u) for u in users if u is not None})
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        return {r[0]: r[1] for r in self.db.execute(
+            f"SELECT user_id, granted_utc FROM consents WHERE guild_id = ? AND user_id IN "
+            f"({marks})", [guild_id, *ids])}
+
+    def redact_context(self, guild_id: int, context: list[dict[str, Any]], *,
+                       granted: dict[int, str] | None = None) -> list[dict[str, Any]]:
         """The context as it may be stored: text and ids of non-consented authors replaced.
 
         Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text"}`` and
         optionally ``created_utc`` (ISO UTC, as ``utc_now``); the bot's own turns are kept.
         """
-        granted = {r[0]: r[1] for r in self.db.execute(
-            "SELECT user_id, granted_utc FROM consents WHERE guild_id = ?", [guild_id])}
+        if granted is None:
+            granted = self._granted(guild_id, (e.get("author_id") for e in context))
         out = []
         for entry in context:
             role = entry.get("role", "user")
@@ -385,7 +397,8 @@ class Store:
         """Store one exchange, only if the guild logs and the member has opted in."""
         if not self.guild_settings(guild_id).logging_enabled:
             return LogResult(False, reason="logging is off in this guild")
-        if not self.has_consent(guild_id, user_id):
+        granted = self._granted(guild_id, [user_id, *(e.get("author_id") for e in context)])
+        if user_id not in granted:
             return LogResult(False, reason="the member has not opted in")
         now = utc_now()
         iid = new_ulid()
@@ -395,8 +408,8 @@ class Store:
             "reply_message_id, context_json, reply, adapter_version, tokens_in, tokens_out, "
             "latency_ms, created_utc, updated_utc) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [iid, guild_id, channel_id, user_id, request_message_id, reply_message_id,
-             json.dumps(self.redact_context(guild_id, context)), _clip(reply), adapter_version,
-             tokens_in, tokens_out, latency_ms, now, now])
+             json.dumps(self.redact_context(guild_id, context, granted=granted)), _clip(reply),
+             adapter_version, tokens_in, tokens_out, latency_ms, now, now])
         return LogResult(True, iid)
 
     def log_interactions(self, items: Iterable[dict[str, Any]]) -> list[LogResult]:
