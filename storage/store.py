@@ -28,6 +28,7 @@ from sqlite_utils import Database
 
 from .ids import new_ulid
 from .migrations import migrations
+from .times import format_utc, parse_utc, to_utc, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ class StoreBusyError(StoreError):
     """The database stayed locked by another connection past the busy timeout and retries."""
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def _utc(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+_utc = format_utc
 
 
 def _clip(text: str) -> str:
