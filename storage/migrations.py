@@ -175,3 +175,15 @@ def m001_initial(db: Database) -> None:
         CREATE INDEX adapter_contributors_user ON adapter_contributors (user_id);
         """
     )
+
+
+@migrations()
+def m002_rerun_after_forget(db: Database) -> None:
+    """A forget (or an opt-out) that lands while a run of the guild is in flight flags it: the
+    run's result is not served, and a retrain without the member is queued when it ends."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE training_runs ADD COLUMN rerun INTEGER NOT NULL DEFAULT 0;
+        """
+    )
