@@ -36,7 +36,8 @@ def bench_logging(tmp: Path, n: int) -> dict[str, float]:
     items = [dict(guild_id=G, channel_id=5, user_id=USER, request_message_id=i,
                   reply_message_id=10**9 + i, reply="a reply of ordinary length, twenty words",
                   context=[{"role": "user", "author_id": USER, "message_id": i,
-                            "text": "hello bot, what do you think about this?"}])
+                            "text": "hello bot, what do you think about this?",
+                            "created_utc": utc_now()}])
              for i in range(n)]
     t = time.perf_counter()
     for item in items:

@@ -12,6 +12,7 @@ from .store import (
     DELETED,
     PLACEHOLDER,
     AdapterVersion,
+    ConsentChangedError,
     ForgetReport,
     GuildSettings,
     LogResult,
@@ -19,6 +20,7 @@ from .store import (
     Store,
     StoreBusyError,
     StoreError,
+    StoreFullError,
     check_backup,
     open_store,
     restore_backup,
@@ -26,7 +28,7 @@ from .store import (
 )
 
 __all__ = [
-    "DELETED", "PLACEHOLDER", "AdapterVersion", "ForgetReport", "GuildSettings", "LogResult",
-    "Run", "Store", "StoreBusyError", "StoreError", "check_backup", "new_ulid", "open_store",
+    "DELETED", "PLACEHOLDER", "AdapterVersion", "ConsentChangedError", "ForgetReport", "GuildSettings", "LogResult",
+    "Run", "Store", "StoreBusyError", "StoreError", "StoreFullError", "check_backup", "new_ulid", "open_store",
     "restore_backup", "utc_now",
 ]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -49,12 +50,86 @@ class StoreBusyError(StoreError):
     """The database stayed locked by another connection past the busy timeout and retries."""
 
 
+class StoreFullError(StoreError):
+    """The disk (or the database's size limit) is full: the write was not made."""
+
+
+class ConsentChangedError(StoreError):
+    """A version whose training data includes a member who has since been forgotten, opted out
+    or opted in again after the data was read: it is never registered nor served."""
+
+
 _utc = format_utc
 
 
+_USER_MENTION = re.compile(r"<@!?\d+>")
+_ROLE_MENTION = re.compile(r"<@&\d+>")
+_WORD = re.compile(r"\S+")
+QUOTE_MIN_WORDS = 4  # a verbatim run this long of a hidden member's words is cut from replies
+CUT = "[…]"
+
+
 def _clip(text: str) -> str:
-    # NUL bytes are legal in SQLite TEXT but break most tools that read it back.
-    return text.replace("\x00", "")[:MAX_TEXT_CHARS]
+    """Text as it may be stored: no NUL bytes (legal in SQLite TEXT, but they break most tools
+    that read it back), no raw mention markup (a mention carries a member's id; the front ends
+    store readable names, and this catches any path that did not), at most MAX_TEXT_CHARS."""
+    text = text.replace("\x00", "")
+    if "<@" in text:
+        text = _ROLE_MENTION.sub("@role", _USER_MENTION.sub("@member", text))
+    return text[:MAX_TEXT_CHARS]
+
+
+def _norm_word(word: str) -> str:
+    return word.strip(".,;:!?\"'()[]{}*_~`").casefold()
+
+
+def quoted_grams(texts: Iterable[str], n: int = QUOTE_MIN_WORDS) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive words of ``texts`` (normalized), to find quotes of them."""
+    grams: set[tuple[str, ...]] = set()
+    for text in texts:
+        words = [w for w in (_norm_word(m.group()) for m in _WORD.finditer(text or "")) if w]
+        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return grams
+
+
+def cut_quotes(text: str, grams: set[tuple[str, ...]], n: int = QUOTE_MIN_WORDS) -> str:
+    """``text`` with every verbatim run of ``n`` or more words found in ``grams`` replaced by
+    ``[…]``: a reply of the bot that repeats a hidden or forgotten member's words keeps its own
+    words only."""
+    if not grams or not text:
+        return text
+    tokens = [(m.start(), m.end(), _norm_word(m.group())) for m in _WORD.finditer(text)]
+    tokens = [t for t in tokens if t[2]]
+    cut = [False] * len(tokens)
+    for i in range(len(tokens) - n + 1):
+        if tuple(t[2] for t in tokens[i:i + n]) in grams:
+            for j in range(i, i + n):
+                cut[j] = True
+    if not any(cut):
+        return text
+    out, pos, i = [], 0, 0
+    while i < len(tokens):
+        if not cut[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(tokens) and cut[j + 1]:
+            j += 1
+        out.append(text[pos:tokens[i][0]])
+        out.append(CUT)
+        pos = tokens[j][1]
+        i = j + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _name_pattern(user_id: int, names: Iterable[str]) -> re.Pattern[str]:
+    """A member's id (raw, in mention markup) and their names (as written, or as @name)."""
+    alts = [rf"<@!?{int(user_id)}>", rf"(?<!\d){int(user_id)}(?!\d)"]
+    for name in sorted({n.strip() for n in names if n and len(n.strip()) >= 3}, key=len,
+                       reverse=True):
+        alts.append(rf"(?<![\w@])@?{re.escape(name)}(?!\w)")
+    return re.compile("|".join(alts), re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -149,6 +224,9 @@ class ForgetReport:
     tainted: list[tuple[int, int]] = field(default_factory=list)
     retrain_runs: dict[int, int] = field(default_factory=dict)
     deactivated: list[int] = field(default_factory=list)
+    # Guilds where a training run was in flight: its result will not be served, and a retrain
+    # without the member follows it (the run's id).
+    in_flight: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_deleted(self) -> int:
@@ -158,6 +236,11 @@ class ForgetReport:
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
+
+
+def _is_full(exc: BaseException) -> bool:
+    return ("database or disk is full" in str(exc).lower() or
+            getattr(exc, "errno", None) == 28)  # ENOSPC
 
 
 def _writes(fn: Callable[P, T]) -> Callable[P, T]:
@@ -175,6 +258,10 @@ def _writes(fn: Callable[P, T]) -> Callable[P, T]:
                 with self._transaction(db):
                     return fn(*args, **kwargs)
             except sqlite3.OperationalError as exc:
+                if _is_full(exc):
+                    raise StoreFullError(
+                        f"{self.path}: the disk is full; {fn.__name__} wrote nothing (free "
+                        "space, then retry)") from exc
                 if not _is_locked(exc):
                     raise
                 if attempt == attempts:
@@ -214,6 +301,9 @@ class Store:
                                    isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten with zeros, not left in free pages: forgotten text
+            # must not stay readable in the file (SQLite's default keeps it until reused).
+            conn.execute("PRAGMA secure_delete = ON")
             # WAL + NORMAL: a killed process loses nothing committed; only power loss can drop
             # the last transactions, which FULL would cost ~6x in write throughput to prevent.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -325,12 +415,24 @@ class Store:
             "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
         return cur.rowcount == 1
 
+    def revoke_consent(self, guild_id: int, user_id: int, *, strict: bool = True) -> bool:
+        """Opt a member out. Their stored rows stay until they use forget, but nothing of theirs
+        is used again: no dataset reads them, the versions trained on them are tainted and
+        retrained without them exactly as for a forget (``strict``: the tainted active version
+        stops serving at once), and a run in flight is flagged so its result is not served.
+        False if they were not opted in."""
+        report = ForgetReport(user_id)
+        revoked = self._revoke(guild_id, user_id, strict, report)
+        return revoked
+
     @_writes
-    def revoke_consent(self, guild_id: int, user_id: int) -> bool:
-        """Opt a member out (stored data stays until they use forget). False if not opted in."""
+    def _revoke(self, guild_id: int, user_id: int, strict: bool, report: ForgetReport) -> bool:
         cur = self.db.execute("DELETE FROM consents WHERE guild_id = ? AND user_id = ?",
                               [guild_id, user_id])
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        self._withdraw(user_id, [guild_id], strict, report)
+        return True
 
     def has_consent(self, guild_id: int, user_id: int) -> bool:
         return self._scalar("SELECT 1 FROM consents WHERE guild_id = ? AND user_id = ?",
@@ -355,31 +457,61 @@ class Store:
                        granted: dict[int, str] | None = None) -> list[dict[str, Any]]:
         """The context as it may be stored: text and ids of non-consented authors replaced.
 
-        Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text"}`` and
-        optionally ``created_utc`` (ISO UTC, as ``utc_now``); the bot's own turns are kept.
+        Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text",
+        "created_utc"}``; ``created_utc`` (when the message was written, any ISO 8601 time) is
+        required on every member's turn; the bot's own turns are kept.
         """
+        return self._redact(guild_id, context, granted)[0]
+
+    def _redact(self, guild_id: int, context: list[dict[str, Any]],
+                granted: dict[int, str] | None = None,
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the storable context, the texts it hid)."""
         if granted is None:
             granted = self._granted(guild_id, (e.get("author_id") for e in context))
-        out = []
-        for entry in context:
+        out: list[dict[str, Any]] = []
+        hidden: list[str] = []
+        for n, entry in enumerate(context):
             role = entry.get("role", "user")
             author = entry.get("author_id")
+            text = str(entry.get("text", ""))
+            if role == "assistant":
+                out.append({"role": role, "author_id": None if author is None else str(author),
+                            "message_id": None if entry.get("message_id") is None
+                            else str(entry["message_id"]), "text": _clip(text),
+                            **({"created_utc": to_utc(entry["created_utc"])}
+                               if entry.get("created_utc") else {})})
+                continue
+            written = entry.get("created_utc")
+            if author is not None and not written:
+                # Without it, text written before its author opted in could not be told apart
+                # from text written after: refuse rather than store it.
+                raise StoreError(f"context entry {n} has no created_utc (when the message was "
+                                 "written); every member's turn needs it")
             since = granted.get(int(author)) if author is not None else None
+            try:
+                stamp = to_utc(written) if written else None
+            except ValueError:
+                raise StoreError(f"context entry {n}: created_utc {written!r} is not an "
+                                 "ISO 8601 time") from None
             # Consent covers what a member says from the moment they opt in: a message written
             # before that stays a placeholder even when it shows up in a later context.
-            written = entry.get("created_utc")
-            if role == "assistant" or (since is not None and (written is None or
-                                                                written >= since)):
-                out.append({"role": role,
-                            "author_id": None if author is None else str(author),
+            if since is not None and stamp is not None and parse_utc(stamp) >= parse_utc(since):
+                out.append({"role": role, "author_id": str(author),
                             "message_id": None if entry.get("message_id") is None
-                            else str(entry["message_id"]),
-                            "text": _clip(str(entry.get("text", ""))),
-                            **({"created_utc": written} if written else {})})
+                            else str(entry["message_id"]), "text": _clip(text),
+                            "created_utc": stamp})
             else:
+                hidden.append(text)
                 out.append({"role": "user", "author_id": None, "message_id": None,
                             "text": PLACEHOLDER})
-        return out
+        if hidden:
+            # The bot's earlier turns may repeat what a hidden member said.
+            grams = quoted_grams(hidden)
+            for e in out:
+                if e["role"] == "assistant":
+                    e["text"] = cut_quotes(e["text"], grams)
+        return out, hidden
 
     # -- interactions and messages -------------------------------------------------------------
 
@@ -398,13 +530,16 @@ class Store:
             return LogResult(False, reason="the member has not opted in")
         now = utc_now()
         iid = new_ulid()
+        stored, hidden = self._redact(guild_id, context, granted)
+        if hidden:
+            reply = cut_quotes(reply, quoted_grams(hidden))
         # A plain INSERT: sqlite-utils' insert() introspects the table on every call (~3x slower).
         self.db.execute(
             "INSERT INTO interactions (id, guild_id, channel_id, user_id, request_message_id, "
             "reply_message_id, context_json, reply, adapter_version, tokens_in, tokens_out, "
             "latency_ms, created_utc, updated_utc) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [iid, guild_id, channel_id, user_id, request_message_id, reply_message_id,
-             json.dumps(self.redact_context(guild_id, context, granted=granted)), _clip(reply),
+             json.dumps(stored), _clip(reply),
              adapter_version, tokens_in, tokens_out, latency_ms, now, now])
         return LogResult(True, iid)
 
@@ -448,33 +583,76 @@ class Store:
             "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
             "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [guild_id, message_id, channel_id, user_id, _clip(text), reply_to_message_id, source,
-             created_utc or utc_now()])
+             to_utc(created_utc) if created_utc else utc_now()])
         return True
 
     @_writes
-    def import_messages(self, guild_id: int, rows: Iterable[dict[str, Any]]) -> int:
+    def import_messages(self, guild_id: int, rows: Iterable[dict[str, Any]], *,
+                        source: dict[str, Any] | None = None) -> int:
         """Load history the operator asserts consent for (scope 'import'); returns rows stored.
 
         Each row: message_id, user_id, text, and optionally channel_id, reply_to_message_id,
-        created_utc.
+        created_utc (a timestamp with a date, stored through ``to_utc``; absent: now). A row
+        whose created_utc is not one is refused (StoreError) and nothing is stored: a time
+        compared as a string would let the retention job delete it at once.
+
+        A message id the guild already holds is skipped, never replaced (another file, or a
+        live message, may own it); the return value counts only new rows. With ``source``
+        (``{"sha256", "file_name"}``) the import is recorded in ``imports``, and a source the
+        guild has already imported stores nothing and returns 0 (``import_record`` says when).
         """
+        if source is not None and self.import_record(guild_id, source["sha256"]) is not None:
+            return 0
         now = utc_now()
-        n = 0
-        authors: set[int] = set()
         batch: list[tuple[Any, ...]] = []
         for r in rows:
-            authors.add(int(r["user_id"]))
-            batch.append((guild_id, int(r["message_id"]), int(r.get("channel_id") or 0),
-                          int(r["user_id"]), _clip(str(r["text"])), r.get("reply_to_message_id"),
-                          "import", r.get("created_utc") or now))
-            n += 1
-        self.db.conn.executemany(
+            try:
+                ids = [int(r["message_id"]), int(r.get("channel_id") or 0), int(r["user_id"])]
+                reply_to = r.get("reply_to_message_id")
+                if reply_to is not None:
+                    ids.append(int(reply_to))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreError(f"import: row {len(batch) + 1}: message_id, user_id, "
+                                 f"channel_id and reply_to_message_id must be integers ({exc}); "
+                                 "nothing was imported") from None
+            if not all(-2**63 <= i < 2**63 for i in ids):
+                raise StoreError(f"import: row {len(batch) + 1}: an id is outside SQLite's "
+                                 "64-bit integers; nothing was imported")
+            created = r.get("created_utc")
+            try:
+                created = now if created is None else to_utc(created)
+            except (TypeError, ValueError):
+                raise StoreError(f"import: message {ids[0]}: created_utc {str(created)[:40]!r} is "
+                                 "not a timestamp with a date (UTC ISO 8601, e.g. "
+                                 "2024-03-01T12:00:00Z); nothing was imported") from None
+            batch.append((guild_id, ids[0], ids[1], ids[2], _clip(str(r["text"])),
+                          None if reply_to is None else ids[3], "import", created))
+        cur = self.db.conn.cursor()
+        authors: set[int] = set()
+        n = 0
+        for row in batch:
+            cur.execute(
+                "INSERT OR IGNORE INTO messages (guild_id, message_id, channel_id, user_id, "
+                "text, reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                row)
+            if cur.rowcount:
+                n += 1
+                authors.add(row[3])
+        cur.executemany(
             "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
             "VALUES (?, ?, 'import', ?)", [(guild_id, a, now) for a in sorted(authors)])
-        self.db.conn.executemany(
-            "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
-            "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        if source is not None:
+            cur.execute(
+                "INSERT INTO imports (guild_id, source_sha256, file_name, messages, stored, "
+                "imported_utc) VALUES (?, ?, ?, ?, ?, ?)",
+                [guild_id, str(source["sha256"]), str(source.get("file_name", "")), len(batch),
+                 n, now])
         return n
+
+    def import_record(self, guild_id: int, sha256: str) -> dict[str, Any] | None:
+        """The ``imports`` row of a source file already imported into the guild, else None."""
+        return self._one("SELECT * FROM imports WHERE guild_id = ? AND source_sha256 = ?",
+                         [guild_id, sha256])
 
     # -- feedback and corrections --------------------------------------------------------------
 
@@ -582,56 +760,155 @@ class Store:
 
     # -- forget, export, retention -------------------------------------------------------------
 
-    @_writes
     def forget_user(self, user_id: int, guild_id: int | None = None, *,
-                    strict: bool = False) -> ForgetReport:
+                    strict: bool = True, names: Iterable[str] = ()) -> ForgetReport:
         """Delete every row of a member (in one guild, or everywhere) in one transaction.
 
-        Adapter versions trained on their data are marked tainted and a retrain without it is
-        queued for each affected guild. With ``strict``, a tainted active version is replaced at
-        once by the newest clean version, or the base model.
+        Also takes them out of what other members' rows hold: their turns in stored contexts
+        become the placeholder, verbatim runs of their words in the bot's stored replies are
+        cut, and their id and ``names`` (display names the caller knows) are replaced by
+        ``@member``. Adapter versions trained on their data are marked tainted and a retrain
+        without it is queued; a run in flight is flagged so its result is never served and a
+        retrain follows it. With ``strict`` (the default), a tainted active version is replaced
+        at once by the newest clean version, or the base model. The WAL is then checkpointed
+        so the deleted text does not linger in it.
         """
+        report = self._forget_user(user_id, guild_id, strict=strict, names=tuple(names))
+        self.checkpoint()
+        return report
+
+    @_writes
+    def _forget_user(self, user_id: int, guild_id: int | None, *, strict: bool,
+                     names: tuple[str, ...]) -> ForgetReport:
         report = ForgetReport(user_id)
         where_g = "" if guild_id is None else " AND guild_id = ?"
         gp: list[Any] = [] if guild_id is None else [guild_id]
         now = utc_now()
-        tainted = [(r["guild_id"], r["version"]) for r in self._rows(
-            "SELECT DISTINCT guild_id, version FROM adapter_contributors WHERE user_id = ?"
-            + where_g, [user_id, *gp])]
-        for g, v in tainted:
-            self.db.execute(
-                "UPDATE adapter_versions SET tainted_utc = coalesce(tainted_utc, ?), "
-                "status = CASE WHEN status = 'active' THEN status ELSE 'tainted' END "
-                "WHERE guild_id = ? AND version = ?", [now, g, v])
-        report.tainted = tainted
-        # Their own rows first, so the context scrub below only rewrites other members' rows.
+        uid = str(user_id)
+        guilds = sorted({r[0] for r in self.db.execute(
+            " UNION ".join(f"SELECT guild_id FROM {t} WHERE user_id = ?{where_g}" for t in (
+                "consents", "messages", "interactions", "feedback", "corrections",
+                "adapter_contributors")), [x for _ in range(6) for x in (user_id, *gp)])})
+        self._taint(user_id, guilds, report)
+        # What they wrote, to find it quoted in the bot's replies to others (before deletion).
+        grams: dict[int, set[tuple[str, ...]]] = {}
+        for g in guilds:
+            texts = [r[0] for r in self.db.execute(
+                "SELECT text FROM messages WHERE guild_id = ? AND user_id = ? UNION ALL "
+                "SELECT text FROM corrections WHERE guild_id = ? AND user_id = ?",
+                [g, user_id, g, user_id])]
+            for (ctx,) in self.db.execute(
+                    "SELECT context_json FROM interactions WHERE guild_id = ? AND "
+                    "instr(context_json, ?) > 0", [g, f'"{uid}"']):
+                texts += [e.get("text", "") for e in json.loads(ctx)
+                          if e.get("author_id") == uid and e.get("role") != "assistant"]
+            grams[g] = quoted_grams(texts)
+        # Their own rows first, so the scrub below only rewrites other members' rows.
         for table in ("adapter_contributors", "feedback", "corrections", "interactions",
                       "messages", "consents"):
             report.deleted[table] = self.db.execute(
                 f"DELETE FROM {table} WHERE user_id = ?" + where_g, [user_id, *gp]).rowcount
-        # Contexts of other members' interactions that quote this member.
-        uid = str(user_id)
-        guilds_ctx = [r[0] for r in self.db.execute(
-            "SELECT DISTINCT guild_id FROM interactions WHERE instr(context_json, ?) > 0"
-            + where_g, [f'"{uid}"', *gp]).fetchall()]
         scrubbed = 0
-        for g in guilds_ctx:
-            scrubbed += self._rewrite_contexts(
-                g, f'"{uid}"',
-                lambda e: {"role": "user", "author_id": None, "message_id": None,
-                           "text": PLACEHOLDER} if e.get("author_id") == uid else None)
-        report.deleted["contexts_scrubbed"] = scrubbed
+        who = _name_pattern(user_id, names)
+        needles = [uid, *(n.strip() for n in names if n and len(n.strip()) >= 3)]
+        for g in guilds:
+            scrubbed += self._scrub_member(g, uid, who, needles, grams.get(g, set()))
+        report.deleted["texts_scrubbed"] = scrubbed
         self.db.execute("UPDATE training_runs SET requested_by = NULL WHERE requested_by = ?"
                         + where_g, [user_id, *gp])
-        for g in sorted({g for g, _ in tainted}):
-            run_id, _ = self.enqueue_run(g, "forget")
-            report.retrain_runs[g] = run_id
+        self._withdraw(user_id, guilds, strict, report, tainted_already=True)
+        return report
+
+    def _taint(self, user_id: int, guilds: Iterable[int], report: ForgetReport) -> None:
+        """Mark every version of these guilds trained on the member as tainted."""
+        now = utc_now()
+        for g in guilds:
+            for (v,) in self.db.execute("SELECT version FROM adapter_contributors WHERE "
+                                        "guild_id = ? AND user_id = ?", [g, user_id]).fetchall():
+                self.db.execute(
+                    "UPDATE adapter_versions SET tainted_utc = coalesce(tainted_utc, ?), "
+                    "status = CASE WHEN status = 'active' THEN status ELSE 'tainted' END "
+                    "WHERE guild_id = ? AND version = ?", [now, g, v])
+                report.tainted.append((g, v))
+
+    def _withdraw(self, user_id: int, guilds: Iterable[int], strict: bool,
+                  report: ForgetReport, tainted_already: bool = False) -> None:
+        """The model side of a forget or an opt-out, in the caller's transaction: taint the
+        versions trained on the member, flag a run in flight (publish refuses its result, and a
+        retrain follows it), queue a retrain, and with ``strict`` stop serving a tainted active
+        version at once."""
+        guilds = sorted(set(guilds))
+        if not tainted_already:
+            self._taint(user_id, guilds, report)
+        for g in guilds:
+            running = self._scalar("SELECT id FROM training_runs WHERE guild_id = ? AND "
+                                   "status = 'running'", [g])
+            if running is not None:
+                self.db.execute("UPDATE training_runs SET rerun = 1 WHERE id = ?", [running])
+                report.in_flight[g] = running
+        for g in sorted({g for g, _ in report.tainted}):
+            if g not in report.in_flight:
+                run_id, _ = self.enqueue_run(g, "forget")
+                report.retrain_runs[g] = run_id
             if strict:
                 active = self.active_version(g)
                 if active is not None and active.tainted_utc is not None:
                     self.rollback(g)
                     report.deactivated.append(g)
-        return report
+
+    def _scrub_member(self, guild_id: int, uid: str, who: re.Pattern[str],
+                      needles: list[str], grams: set[tuple[str, ...]]) -> int:
+        """Take a forgotten member out of other members' rows of one guild: their context turns
+        become the placeholder; their id, names and quoted words leave every stored text."""
+        def fix_text(text: str) -> str:
+            return who.sub("@member", cut_quotes(text, grams))
+
+        conds = " OR ".join(["instr(lower(context_json), ?) > 0 OR instr(lower(reply), ?) > 0"]
+                            * len(needles))
+        params = [x for n in needles for x in (n.casefold(), n.casefold())]
+        if grams:
+            # Replies that quote them can only come from a conversation they were in.
+            conds += " OR instr(context_json, ?) > 0"
+            params.append(f'"{uid}"')
+        n = 0
+        for row in self._rows(f"SELECT id, context_json, reply FROM interactions WHERE "
+                              f"guild_id = ? AND ({conds})", [guild_id, *params]):
+            ctx = json.loads(row["context_json"])
+            new_ctx = []
+            for e in ctx:
+                if e.get("author_id") == uid and e.get("role") != "assistant":
+                    new_ctx.append({"role": "user", "author_id": None, "message_id": None,
+                                    "text": PLACEHOLDER})
+                else:
+                    new_ctx.append({**e, "text": fix_text(e.get("text", ""))})
+            reply = fix_text(row["reply"])
+            if new_ctx != ctx or reply != row["reply"]:
+                self.db.execute("UPDATE interactions SET context_json = ?, reply = ?, "
+                                "updated_utc = ? WHERE id = ?",
+                                [json.dumps(new_ctx), reply, utc_now(), row["id"]])
+                n += 1
+        conds = " OR ".join(["instr(lower(text), ?) > 0"] * len(needles))
+        for table, key in (("messages", "message_id"), ("corrections", "id")):
+            for row in self._rows(f"SELECT {key} AS k, text FROM {table} WHERE guild_id = ? "
+                                  f"AND ({conds})", [guild_id, *(x.casefold() for x in needles)]):
+                text = who.sub("@member", row["text"])
+                if text != row["text"]:
+                    self.db.execute(f"UPDATE {table} SET text = ? WHERE guild_id = ? AND "
+                                    f"{key} = ?", [text, guild_id, row["k"]])
+                    n += 1
+        return n
+
+    def checkpoint(self) -> bool:
+        """Fold the WAL into the database and truncate it, so deleted text does not stay in
+        the -wal file. False when another connection's reader kept it from completing (the
+        WAL is then reused, overwriting those frames, as writes go on)."""
+        if self.db.conn.in_transaction:
+            return False
+        busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            log.info("WAL checkpoint of %s was blocked by a reader; it truncates later",
+                     self.path)
+        return not busy
 
     def export_user(self, user_id: int, guild_id: int | None = None) -> dict[str, Any]:
         """Everything stored of a member, as a JSON-able dict (the /mydata file)."""
@@ -662,16 +939,39 @@ class Store:
 
     @_writes
     def purge_older_than(self, days: int, now: datetime | None = None) -> dict[str, int]:
-        """Retention: delete interactions and messages older than ``days`` (0 keeps all)."""
+        """Retention: delete interactions and messages created more than ``days`` ago (0 keeps
+        all).
+
+        Times are compared as times. A stamp in the stored form (storage.times) compares as
+        text, which is what that form is for; any other value is parsed, and one that is not a
+        timestamp (a time of day from an old import, say) is kept and logged, never deleted on
+        a string comparison.
+        """
         if days <= 0:
             return {}
-        cutoff = _utc((now or datetime.now(UTC)) - timedelta(days=days))
-        return {
-            "interactions": self.db.execute("DELETE FROM interactions WHERE created_utc < ?",
-                                            [cutoff]).rowcount,
-            "messages": self.db.execute("DELETE FROM messages WHERE created_utc < ?",
-                                        [cutoff]).rowcount,
-        }
+        cutoff = parse_utc(_utc((now or datetime.now(UTC)) - timedelta(days=days)))
+        stored_form = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:" \
+                      "[0-9][0-9].[0-9][0-9][0-9]Z"
+        out: dict[str, int] = {}
+        for table in ("interactions", "messages"):
+            n = self.db.execute(f"DELETE FROM {table} WHERE created_utc GLOB ? AND "
+                                "created_utc < ?", [stored_form, _utc(cutoff)]).rowcount
+            expired, unknown = [], 0
+            for rowid, value in self.db.execute(
+                    f"SELECT rowid, created_utc FROM {table} WHERE created_utc NOT GLOB ?",
+                    [stored_form]).fetchall():
+                try:
+                    if parse_utc(value) < cutoff:
+                        expired.append((rowid,))
+                except (TypeError, ValueError):
+                    unknown += 1
+            if expired:
+                self.db.conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", expired)
+            if unknown:
+                log.warning("retention: kept %d %s whose created_utc is not a timestamp", unknown,
+                            table)
+            out[table] = n + len(expired)
+        return out
 
     # -- the training queue --------------------------------------------------------------------
 
@@ -736,7 +1036,23 @@ class Store:
         if worker is not None:
             sql += " AND worker = ?"
             params.append(worker)
-        return self.db.execute(sql, params).rowcount == 1
+        if self.db.execute(sql, params).rowcount != 1:
+            return False
+        self._after_run(run_id)
+        return True
+
+    def _after_run(self, run_id: int) -> None:
+        """What forgetting owes a guild once one of its runs ends (in the caller's
+        transaction): a run a forget or an opt-out landed in is followed by a retrain without
+        them, and a tainted version still active (``strict_forget`` off) stops serving now."""
+        run = self.get_run(run_id)
+        if run is None:
+            return
+        if self._scalar("SELECT rerun FROM training_runs WHERE id = ?", [run_id]):
+            self.enqueue_run(run.guild_id, "forget")
+        active = self.active_version(run.guild_id)
+        if active is not None and active.tainted_utc is not None:
+            self.rollback(run.guild_id)
 
     @_writes
     def recover_stale_runs(self, now: datetime | None = None, max_attempts: int = 2) -> list[int]:
@@ -753,6 +1069,7 @@ class Store:
             if r["attempt"] < max_attempts:
                 self.enqueue_run(r["guild_id"], r["trigger"], r["requested_by"],
                                  bool(r["force"]), attempt=r["attempt"] + 1)
+            self._after_run(r["id"])  # a rerun owed is queued whatever the attempts
         return [r["id"] for r in stale]
 
     def get_run(self, run_id: int) -> Run | None:
@@ -780,9 +1097,17 @@ class Store:
                          lora: dict[str, Any], metrics: dict[str, Any] | None = None,
                          config: dict[str, Any] | None = None, data_fingerprint: str = "",
                          contributors: dict[int, int] | None = None, run_id: int | None = None,
-                         status: str = "candidate", activate: bool = False) -> AdapterVersion:
+                         status: str = "candidate", activate: bool = False,
+                         dataset_utc: str | None = None) -> AdapterVersion:
         """Record a published version and whose data it holds; activate it in the same
-        transaction when asked."""
+        transaction when asked.
+
+        Raises ConsentChangedError, registering nothing, when a contributor is no longer opted
+        in, or opted in again after ``dataset_utc`` (when the training data was read): a
+        version that learned from a member who has since been forgotten or opted out is never
+        registered, so it can neither serve nor be rolled back to.
+        """
+        self.check_contributors(guild_id, contributors or {}, dataset_utc)
         self.db["adapter_versions"].insert({
             "guild_id": guild_id, "version": version, "path": str(path), "status": status,
             "base_model": base_model, "lora_json": json.dumps(lora, sort_keys=True),
@@ -798,6 +1123,30 @@ class Store:
         if activate:
             self.activate_version(guild_id, version)
         return self.get_version(guild_id, version)  # type: ignore[return-value]
+
+    def check_contributors(self, guild_id: int, contributors: Iterable[int],
+                           dataset_utc: str | None = None) -> None:
+        """Raise ConsentChangedError unless every contributor is opted in now and has been
+        since ``dataset_utc`` (a forget followed by a new opt-in is not the same consent)."""
+        users = {int(u) for u in contributors}
+        granted = self._granted(guild_id, users)
+        since = parse_utc(dataset_utc) if dataset_utc else None
+        gone = [u for u in users if u not in granted or
+                (since is not None and parse_utc(granted[u]) > since)]
+        if gone:
+            raise ConsentChangedError(
+                f"guild {guild_id}: {len(gone)} member(s) whose data this version was trained on "
+                "have since been forgotten or opted out; it is not kept, and a retrain without "
+                "them follows")
+
+    def newest_clean_version(self, guild_id: int) -> AdapterVersion | None:
+        """The newest version that served and was not trained on a forgotten member: the bar a
+        new candidate must beat (a tainted version never is)."""
+        row = self._one(
+            "SELECT * FROM adapter_versions WHERE guild_id = ? AND tainted_utc IS NULL AND "
+            "status IN ('active', 'retired') AND activated_utc IS NOT NULL "
+            "ORDER BY (status = 'active') DESC, version DESC LIMIT 1", [guild_id])
+        return AdapterVersion.from_row(row) if row else None
 
     @_writes
     def activate_version(self, guild_id: int, version: int) -> AdapterVersion:
@@ -967,6 +1316,7 @@ class Store:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))  # a backup is members' data
         target = sqlite3.connect(tmp, isolation_level=None)
         try:
             # pages=-1: all pages in one step. Stepping page by page would restart whenever
@@ -1055,6 +1405,7 @@ def restore_backup(src: str | os.PathLike[str], db_path: str | os.PathLike[str],
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.restore-{os.getpid()}")
     tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
     # Copy through the backup API (not a file copy): consistent even if src has its own -wal.
     source = sqlite3.connect(f"{src.resolve().as_uri()}?mode=ro", uri=True)
     target = sqlite3.connect(tmp, isolation_level=None)
@@ -1107,7 +1458,11 @@ def open_store(path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
                write_retries: int = 3) -> Store:
     """Open (creating if needed) the database at ``path`` and apply pending migrations."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    # Only the operator's account may read members' data: the directory 0700 when we create
+    # it, the database 0600 (SQLite gives its -wal and -shm files the database's mode).
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not p.exists():
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600))
     store = Store(p, busy_timeout_ms=busy_timeout_ms, write_retries=write_retries)
     try:
         store.migrate()

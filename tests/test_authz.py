@@ -3,6 +3,8 @@ and /mydata and /forget act on the caller only."""
 
 from __future__ import annotations
 
+from storage.times import utc_now
+
 import json
 from io import StringIO
 from pathlib import Path
@@ -108,12 +110,15 @@ def _seed(s: Any) -> None:
         s.store.grant_consent(G, u.id)
         s.store.grant_consent(OTHER_G, u.id)
     s.store.log_interaction(G, 1, ALICE.id, reply="to alice", reply_message_id=9001, context=[
-        {"role": "user", "author_id": ALICE.id, "message_id": 9000, "text": "alice says hi"}])
+        {"role": "user", "author_id": ALICE.id, "message_id": 9000, "text": "alice says hi",
+         "created_utc": utc_now()}])
     s.store.log_interaction(G, 1, BOB.id, reply="to bob", reply_message_id=9101, context=[
-        {"role": "user", "author_id": BOB.id, "message_id": 9100, "text": "bob secret plan"}])
+        {"role": "user", "author_id": BOB.id, "message_id": 9100, "text": "bob secret plan",
+         "created_utc": utc_now()}])
     s.store.log_interaction(OTHER_G, 1, ALICE.id, reply="elsewhere", reply_message_id=9201,
                             context=[{"role": "user", "author_id": ALICE.id,
-                                      "message_id": 9200, "text": "alice elsewhere"}])
+                                      "message_id": 9200, "text": "alice elsewhere",
+                                      "created_utc": utc_now()}])
     assert s.store.record_feedback(G, 9001, BOB.id, 1)  # bob rates alice's reply
     assert s.store.record_feedback(G, 9101, ALICE.id, -1)  # alice rates bob's
 

@@ -38,7 +38,7 @@ G = 31
 # has returned, i.e. once it is acknowledged (committed).
 BURST_LOGGER = """
 import sys
-from storage import open_store
+from storage import open_store, utc_now
 store = open_store(sys.argv[1])
 guild, batch = int(sys.argv[2]), int(sys.argv[3])
 store.grant_consent(guild, 7)
@@ -51,7 +51,7 @@ while True:
         items.append(dict(guild_id=guild, channel_id=1, user_id=7, reply=f"reply {i}",
                           request_message_id=i,
                           context=[{"role": "user", "author_id": 7, "message_id": i,
-                                    "text": f"message {i}"}]))
+                                    "text": f"message {i}", "created_utc": utc_now()}]))
     if batch == 1:
         store.log_interaction(**items[0])
     else:

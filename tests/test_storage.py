@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from storage.times import utc_now
+
 import json
 import multiprocessing as mp
 import sqlite3
@@ -19,7 +21,9 @@ ALICE, BOB, CAROL = 11, 22, 33
 
 
 def ctx(*entries: tuple[int, int, str]) -> list[dict]:
-    return [{"role": "user", "author_id": a, "message_id": m, "text": t} for a, m, t in entries]
+    now = utc_now()
+    return [{"role": "user", "author_id": a, "message_id": m, "text": t, "created_utc": now}
+            for a, m, t in entries]
 
 
 def log(store: Store, guild: int, user: int, req: int, reply_msg: int, text: str = "hi",
@@ -129,13 +133,15 @@ def test_queue_dedup_claim_lease_and_recovery(store: Store) -> None:
 
 def test_versions_activate_rollback_and_taint(store: Store) -> None:
     lora = {"rank": 4}
+    for u in (ALICE, BOB):
+        store.grant_consent(G, u)
     for v, who in ((1, {ALICE: 2}), (2, {BOB: 3}), (3, {ALICE: 1, BOB: 1})):
         store.register_version(G, v, f"/a/{v}", base_model="tiny", lora=lora, contributors=who,
                                activate=True)
     assert store.active_version(G).version == 3
     assert [v.status for v in store.versions(G)] == ["retired", "retired", "active"]
     assert store.rollback(G).version == 2
-    report = store.forget_user(BOB, G)
+    report = store.forget_user(BOB, G, strict=False)
     assert sorted(report.tainted) == [(G, 2), (G, 3)] and G in report.retrain_runs
     # non-strict: the tainted active version keeps serving until the retrain replaces it
     assert store.active_version(G).version == 2 and store.active_version(G).tainted_utc
@@ -148,6 +154,8 @@ def test_versions_activate_rollback_and_taint(store: Store) -> None:
 
 
 def test_strict_forget_replaces_the_active_version_at_once(store: Store) -> None:
+    for u in (ALICE, BOB):
+        store.grant_consent(G, u)
     store.register_version(G, 1, "/a/1", base_model="tiny", lora={}, contributors={BOB: 1},
                            activate=True)
     store.register_version(G, 2, "/a/2", base_model="tiny", lora={}, contributors={ALICE: 1},

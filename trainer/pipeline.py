@@ -37,7 +37,7 @@ def check_allowed(store: Store, cfg: Config, guild_id: int, force: bool) -> None
         raise TrainingError(OPERATOR_DISABLED)
     if not force and not store.guild_settings(guild_id).training_enabled:
         raise TrainingError(f"training is off for guild {guild_id} (an admin turns it on with "
-                            "/tune settings, or force the run)")
+                            "/tune training on, or force the run)")
 
 
 def load_base(cfg: Config, model_name: str | None = None) -> LoadedModel:
@@ -64,8 +64,13 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     from .fit import fit
     from .publish import publish
 
+    from storage import ConsentChangedError, utc_now
+
     check_allowed(store, cfg, guild_id, force)
     t0 = time.perf_counter()
+    # Taken before the first read: publish checks every contributor's consent against it, so a
+    # forget or an opt-out (or a new opt-in after a forget) during the run is never served.
+    dataset_utc = utc_now()
     data = build_dataset(store, guild_id, cfg)
     if not data.train:
         st = data.stats
@@ -84,7 +89,9 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
         progress({"phase": "loading model", **data.stats})
     lm = loaded or load_base(cfg, model_name)
     ml = cfg.training.max_seq_len
-    active = store.active_version(guild_id)
+    # The bar is the newest clean version: a version trained on a forgotten member is never
+    # what a candidate (a retrain without them, above all) has to beat.
+    active = store.newest_clean_version(guild_id)
     try:
         result = fit(lm.model, lm.tokenizer, data.train, cfg, negatives=data.negatives,
                      progress=progress, should_stop=should_stop)
@@ -124,9 +131,15 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
         if reason:
             from .fit import TrainingStopped
             raise TrainingStopped(reason)
-        record = publish(store, cfg, guild_id, peft_model, base_model=lm.base_id,
-                         metrics=metrics, data_fingerprint=data.fingerprint,
-                         contributors=data.contributors, run_id=run_id, activate=True)
+        try:
+            record = publish(store, cfg, guild_id, peft_model, base_model=lm.base_id,
+                             metrics=metrics, data_fingerprint=data.fingerprint,
+                             contributors=data.contributors, run_id=run_id, activate=True,
+                             dataset_utc=dataset_utc)
+        except ConsentChangedError as exc:
+            log.info("guild %s: candidate not kept: %s", guild_id, exc)
+            metrics["gate"] = str(exc)
+            return TrainResult("rejected", None, metrics, str(exc))
         metrics["total_seconds"] = round(time.perf_counter() - t0, 2)
         return TrainResult("succeeded", record.version, metrics, decision.reason)
     finally:

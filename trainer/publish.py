@@ -83,9 +83,13 @@ def write_version_dir(peft_model: Any, final: Path, meta: dict[str, Any],
 
 def publish(store: Store, cfg: Config, guild_id: int, peft_model: Any, *, base_model: str,
             metrics: dict[str, Any], data_fingerprint: str, contributors: dict[int, int],
-            run_id: int | None = None, activate: bool = True) -> AdapterVersion:
+            run_id: int | None = None, activate: bool = True,
+            dataset_utc: str | None = None) -> AdapterVersion:
     """Write the next version of the guild atomically, then register (and activate) it in one
-    store transaction. The previous version stays on disk and in the registry for rollback."""
+    store transaction. The previous version stays on disk and in the registry for rollback.
+
+    The store refuses (ConsentChangedError) a version whose contributors are no longer all
+    opted in since ``dataset_utc``; its directory is then removed: it is not kept at all."""
     version = store.next_version(guild_id)
     final = guild_dir(cfg, guild_id) / str(version)
     meta = {"guild_id": guild_id, "version": version, "base_model": base_model,
@@ -96,7 +100,8 @@ def publish(store: Store, cfg: Config, guild_id: int, peft_model: Any, *, base_m
         record = store.register_version(
             guild_id, version, str(final), base_model=base_model, lora=cfg.lora.shape(),
             metrics=metrics, config=cfg.snapshot(), data_fingerprint=data_fingerprint,
-            contributors=contributors, run_id=run_id, activate=activate)
+            contributors=contributors, run_id=run_id, activate=activate,
+            dataset_utc=dataset_utc)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise

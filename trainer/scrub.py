@@ -56,15 +56,21 @@ def _phone(match: re.Match[str]) -> str:
         return "[phone]"
     if has_sep and 9 <= digits <= 15:
         return "[phone]"
-    # A bare run of 10-13 digits reads like a phone number; 17-19 digits are Discord ids.
+    # A bare run of 10-13 digits reads like a phone number.
     if not has_sep and 10 <= digits <= 13:
         return "[phone]"
     return text
 
 
+# Discord ids (snowflakes, 17-20 digits), raw or in mention markup: a member's id must never
+# become a training target.
+_DISCORD_ID = re.compile(r"<(?:@[!&]?|#)\d{15,21}>|(?<!\d)\d{17,20}(?!\d)")
+
+
 def scrub(text: str) -> str:
     """Replace secrets (API keys, Discord/JWT tokens, private keys, credentials in URLs and
-    assignments) and contact data (emails, phone numbers, card numbers) with tags."""
+    assignments), contact data (emails, phone numbers, card numbers) and Discord ids with
+    tags."""
     if not text:
         return text
     text = _PRIVATE_KEY.sub("[private key]", text)
@@ -75,5 +81,6 @@ def scrub(text: str) -> str:
     text = _ASSIGNED_SECRET.sub(r"\1[secret]", text)
     text = _EMAIL.sub("[email]", text)
     text = _CARD.sub("[card]", text)
+    text = _DISCORD_ID.sub("[id]", text)
     text = _PHONE_CANDIDATE.sub(_phone, text)
     return text
