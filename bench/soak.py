@@ -47,7 +47,7 @@ from bot.engine import Engine, GenerationRequest, GenerationResult  # noqa: E402
 from bot.handlers import AdapterWatcher, Core, Turn  # noqa: E402
 from bot.services import Services  # noqa: E402
 from guildtune.config import Config, parse_config  # noqa: E402
-from storage import Store, open_store  # noqa: E402
+from storage import Store, open_store, utc_now  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -198,7 +198,8 @@ async def chat_one(core: Core, st: Stats, rng: random.Random, g: int, mid: int,
     try:
         out = await core.chat(ch, guild_id=g, channel_id=g * 7, user_id=user,
                               request_message_id=mid,
-                              turns=[Turn("user", user, mid, f"hey bot, message {mid} here")])
+                              turns=[Turn("user", user, mid, f"hey bot, message {mid} here",
+                                          created_utc=utc_now())])
     except Exception as exc:  # counted; a soak goes on
         st.errors[type(exc).__name__] += 1
         return

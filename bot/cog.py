@@ -12,7 +12,7 @@ import io
 import logging
 import re
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 import discord
 from discord import app_commands
@@ -20,6 +20,7 @@ from discord.ext import commands
 
 from bot.handlers import AdapterWatcher, Core, Turn, UserError, consent_statement
 from bot.services import Services
+from storage.times import format_utc
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,36 @@ NOT_ADMIN = "Only members with the **Manage Server** permission can use /tune."
 POLITE_FAILURE = ("Sorry, something went wrong on my side. The bot's operator can find the "
                   "details in the log.")
 NO_MENTIONS = discord.AllowedMentions.none()
+_MENTION = re.compile(r"<@([!&]?)(\d+)>")
+_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+
+
+def readable_mentions(text: str, *, me: int | None, member: Callable[[int], str | None],
+                      role: Callable[[int], str | None],
+                      channel: Callable[[int], str | None]) -> str:
+    """``text`` with every mention as a name: ``<@id>`` -> ``@name`` (``@member`` when
+    ``member`` does not know the id), ``<@&id>`` -> ``@role-name`` (``@role``), ``<#id>`` ->
+    ``#name`` (``#channel``); the bot's own mention (``me``) is removed. Never a raw id.
+
+    One pass with a function as the replacement: names are chosen by members, and a name such
+    as ``\\g<0>`` or ``x\\`` must stay text (a template would make re.sub raise or inject), nor
+    be scanned again for markup.
+    """
+    def user_or_role(m: re.Match[str]) -> str:
+        kind, ident = m[1], int(m[2])
+        if kind == "&":
+            name = role(ident)
+            return "@" + name.lstrip("@") if name else "@role"  # the @everyone role has its @
+        if me is not None and ident == me:
+            return ""
+        name = member(ident)
+        return f"@{name}" if name else "@member"
+
+    def chan(m: re.Match[str]) -> str:
+        name = channel(int(m[1]))
+        return f"#{name}" if name else "#channel"
+
+    return _CHANNEL_MENTION.sub(chan, _MENTION.sub(user_or_role, text)).strip()
 
 
 def _cog(client: discord.Client) -> GuildTuneCog | None:
@@ -181,8 +212,13 @@ class ForgetView(discord.ui.View):
                       button: discord.ui.Button[Any]) -> None:
         assert interaction.guild_id is not None
         self.stop()
-        await _send(interaction, await self.cog.core.forget(interaction.guild_id,
-                                                            interaction.user.id))
+        user = interaction.user
+        # Their names too: other members' stored messages may name them in plain text.
+        names = {n for n in (user.name, getattr(user, "global_name", None),
+                             getattr(user, "display_name", None), getattr(user, "nick", None))
+                 if n}
+        await _send(interaction, await self.cog.core.forget(interaction.guild_id, user.id,
+                                                            sorted(names)))
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction,
@@ -281,20 +317,23 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
             await asyncio.to_thread(s.store.close)
 
     def _start_scheduler(self) -> None:
+        # Always: the retention job (privacy.retention_days, promised by /consent) runs whatever
+        # the training switch says; make_scheduler adds the per-guild training jobs only when
+        # the operator enabled training.
         s = self.services
         sched = s.scheduler
         if sched is None:
-            if not s.config.training.enabled:
-                return  # jobs would only enqueue runs the operator does not allow
             try:
                 from trainer.schedule import make_scheduler
             except ImportError as exc:
-                log.warning("training scheduler unavailable (%s): no scheduled retrains", exc)
+                log.error("scheduler unavailable (%s): no retention purge, no scheduled "
+                          "retrains", exc)
                 return
             try:
                 sched = make_scheduler(s.store, s.config, asyncio=True)
-            except Exception:  # chat must keep working without scheduled retrains
-                log.exception("training scheduler failed to start: no scheduled retrains")
+            except Exception:  # chat must keep working without the scheduler
+                log.exception("scheduler failed to start: no retention purge, no scheduled "
+                              "retrains")
                 return
             s.scheduler = sched
         if not getattr(sched, "running", False):
@@ -313,37 +352,84 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
 
     # -- messages ------------------------------------------------------------------------------
 
-    def _text(self, message: discord.Message) -> str:
+    def _readable(self, text: str, guild: discord.Guild | None, names: dict[int, str]) -> str:
+        """``text`` with mention markup in the one stored and prompted form: ``@name`` for a
+        member (the guild's cache first, then ``names`` from the message or its raw payload,
+        else ``@member``), ``@role-name`` (else ``@role``), ``#channel-name`` (else
+        ``#channel``); the bot's own mention is dropped. Used for chat context, kept messages
+        and edits alike, so no stored text carries a raw id."""
         me = self.bot.user
-        text = message.content
-        if me is not None:
-            text = re.sub(rf"<@!?{me.id}>", "", text)
-        for user in message.mentions:  # readable names instead of raw mention markup
-            # A function, not a template: display names are chosen by members, and "\\g<1>"
-            # or a trailing backslash in one would make re.sub raise (or inject group text).
-            name = f"@{user.display_name}"
-            text = re.sub(rf"<@!?{user.id}>", lambda _m, name=name: name, text)
-        return text.strip()
 
-    async def _referenced(self, message: discord.Message) -> discord.Message | None:
+        def member(user_id: int) -> str | None:
+            m = guild.get_member(user_id) if guild is not None else None
+            return m.display_name if m is not None else names.get(user_id)
+
+        def role(role_id: int) -> str | None:
+            r = guild.get_role(role_id) if guild is not None else None
+            return r.name if r is not None else None
+
+        def channel(channel_id: int) -> str | None:
+            # Only this guild's channels: another guild's channel name is not ours to show.
+            c = guild.get_channel_or_thread(channel_id) if guild is not None else None
+            return c.name if c is not None else None
+
+        return readable_mentions(text, me=me.id if me is not None else None, member=member,
+                                 role=role, channel=channel)
+
+    def _text(self, message: discord.Message) -> str:
+        """A member's message as the bot stores and prompts it (see ``_readable``)."""
+        return self._readable(message.content, message.guild,
+                              {u.id: u.display_name for u in message.mentions})
+
+    @staticmethod
+    def _reply_reference(message: discord.Message) -> discord.MessageReference | None:
+        """The message's reference when it is a reply within its own channel and guild, else
+        None. A forward (``MessageReferenceType.forward``), a crosspost from a followed channel
+        or anything pointing at another guild or channel carries someone else's conversation:
+        it is never followed into this guild's context."""
         ref = message.reference
         if ref is None or ref.message_id is None:
             return None
-        if isinstance(ref.resolved, discord.Message):
-            return ref.resolved
-        cached = ref.cached_message
-        if cached is not None:
-            return cached
-        try:
-            return await message.channel.fetch_message(ref.message_id)
-        except discord.HTTPException:
+        if ref.type is not discord.MessageReferenceType.reply:
             return None
+        home = message.guild.id if message.guild is not None else None
+        if ref.guild_id is not None and ref.guild_id != home:
+            return None
+        if ref.channel_id != message.channel.id:  # Discord replies stay in their channel
+            return None
+        return ref
+
+    @staticmethod
+    def _same_place(found: discord.Message, message: discord.Message) -> bool:
+        """Whether ``found`` is a message of ``message``'s channel and guild. The client's
+        message cache is global (every guild): what it returns is checked, not trusted."""
+        home = message.guild.id if message.guild is not None else None
+        where = found.guild.id if found.guild is not None else None
+        return where == home and found.channel.id == message.channel.id
+
+    async def _referenced(self, message: discord.Message) -> discord.Message | None:
+        """The message that ``message`` replies to, in the same channel and guild, or None."""
+        ref = self._reply_reference(message)
+        if ref is None:
+            return None
+        found = ref.resolved if isinstance(ref.resolved, discord.Message) else ref.cached_message
+        if found is None:
+            # Only ever in the current channel (checked above to be the reply's).
+            try:
+                found = await message.channel.fetch_message(
+                    ref.message_id)  # type: ignore[arg-type]
+            except discord.HTTPException:
+                return None
+        if found.id != ref.message_id or not self._same_place(found, message):
+            return None
+        return found
 
     def _turn(self, message: discord.Message) -> Turn:
         me = self.bot.user
         mine = me is not None and message.author.id == me.id
         return Turn("assistant" if mine else "user", message.author.id, message.id,
-                    message.content if mine else self._text(message))
+                    message.content if mine else self._text(message),
+                    created_utc=format_utc(message.created_at))
 
     async def _context(self, message: discord.Message,
                        parent: discord.Message | None) -> list[Turn]:
@@ -351,13 +437,15 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         chain: list[Turn] = []
         node = parent
         while node is not None and len(chain) < limit:
+            if not self._same_place(node, message):
+                break  # never another guild's (or channel's) conversation
             chain.append(self._turn(node))
             node = await self._referenced(node)
         recent: list[Turn] = []
         if limit > len(chain):
             try:
                 async for m in message.channel.history(limit=limit, before=message):
-                    if not m.is_system():
+                    if not m.is_system() and self._same_place(m, message):
                         recent.append(self._turn(m))
             except (discord.HTTPException, AttributeError):  # no Read History permission
                 pass
@@ -374,10 +462,13 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         d = self.services.config.discord
         system = message.is_system()
         if guild_id is not None and not message.author.bot and not system:
-            ref = message.reference.message_id if message.reference else None
+            # The same readable text as chat context; a reply's parent only within this guild
+            # and channel (a forward or a cross-guild reference is not a reply pair here).
+            ref = self._reply_reference(message)
             await self.core.observe_message(guild_id, message.id, message.author.id,
-                                            message.content, channel_id=message.channel.id,
-                                            reply_to=ref)
+                                            self._text(message), channel_id=message.channel.id,
+                                            reply_to=ref.message_id if ref else None,
+                                            created_utc=format_utc(message.created_at))
         if message.author.bot or system or message.mention_everyone:
             return
         parent = await self._referenced(message)
@@ -430,9 +521,20 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
 
     @commands.Cog.listener("on_raw_message_edit")
     async def guildtune_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        content = payload.data.get("content")
+        data: dict[str, Any] = dict(payload.data)
+        content = data.get("content")
         if payload.guild_id is None or content is None:  # embed-only updates carry no text
             return
+        author = data.get("author") or {}
+        if not self._is_me(int(author.get("id") or 0)):
+            # The raw payload's own mention list names members the cache may not hold.
+            names: dict[int, str] = {}
+            for u in data.get("mentions") or []:
+                name = ((u.get("member") or {}).get("nick") or u.get("global_name") or
+                        u.get("username"))
+                if u.get("id") and name:
+                    names[int(u["id"])] = str(name)
+            content = self._readable(content, self.bot.get_guild(payload.guild_id), names)
         await self.core.message_edited(payload.guild_id, payload.message_id, content)
 
     def _is_me(self, user_id: int) -> bool:
@@ -515,8 +617,9 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
             name = interaction.guild.name if interaction.guild else str(interaction.guild_id)
             embed = discord.Embed(title=f"guildtune · {name}", colour=discord.Colour.blurple())
             for key, value in rep.fields():
-                embed.add_field(name=key, value=value[:1024], inline=key not in (
-                    "Last run", "Running", "Next scheduled run"))
+                wide = ("Replacement", "Last run", "Running", "Next scheduled run") + (
+                    ("Active version",) if rep.tainted else ())
+                embed.add_field(name=key, value=value[:1024], inline=key not in wide)
             file = None
             if rep.chart_png:
                 file = discord.File(io.BytesIO(rep.chart_png), filename="like_rate.png")

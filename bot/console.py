@@ -12,12 +12,16 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, AsyncIterator, TextIO
 
 from bot.engine import Engine, GenerationRequest, GenerationResult
-from bot.handlers import AdapterWatcher, Core, Turn, UserError, consent_statement, merge_context
+from bot.handlers import (AdapterWatcher, Core, Turn, UserError, consent_statement, merge_context,
+                          unstorable)
 from bot.services import Services
+from storage.times import format_utc
 
 HELP = """commands:
   <text>                    chat with the bot
@@ -68,14 +72,20 @@ class EchoEngine(Engine):
 class ConsoleChannel:
     """``ReplyChannel`` printing to the terminal; keeps the channel's history as turns."""
 
-    def __init__(self, out: TextIO, bot_id: int) -> None:
+    def __init__(self, out: TextIO, bot_id: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.out = out
         self.bot_id = bot_id
+        self.clock = clock
         self.ids = itertools.count(int(time.time() * 1000) << 22)
         self.history: list[Turn] = []
 
     def new_id(self) -> int:
         return next(self.ids)
+
+    def now_utc(self) -> str:
+        """When a console message is written, in the store's format (the console's clock)."""
+        return format_utc(datetime.fromtimestamp(self.clock(), UTC))
 
     @asynccontextmanager
     async def typing(self) -> AsyncIterator[None]:
@@ -88,7 +98,8 @@ class ConsoleChannel:
         self.out.write(f"guildtune: {text}\n")
         self.out.flush()
         if last:
-            self.history.append(Turn("assistant", self.bot_id, mid, text))
+            self.history.append(Turn("assistant", self.bot_id, mid, text,
+                                     created_utc=self.now_utc()))
         return mid
 
 
@@ -104,7 +115,7 @@ class Console:
         self.channel_id = local_id("channel:" + guild)
         self.out = out
         self.core = Core(services)
-        self.channel = ConsoleChannel(out, bot_id=local_id("bot"))
+        self.channel = ConsoleChannel(out, bot_id=local_id("bot"), clock=services.clock)
         self.watcher = AdapterWatcher(services, services.watch_interval, self._notify)
         self.last_reply: int | None = None
 
@@ -134,6 +145,13 @@ class Console:
                     await self.handle(line, stdin)
                 except UserError as exc:
                     self.say(f"! {exc}")
+                except Exception as exc:
+                    # A command that writes (/consent, /rate...) on a full disk or a locked
+                    # database: say so and keep the session, as chat does.
+                    why = unstorable(exc)
+                    if why is None:
+                        raise
+                    self.say(f"! not done: {why}")
         finally:
             await self.watcher.stop()
         return 0
@@ -209,7 +227,7 @@ class Console:
     async def chat(self, text: str) -> None:
         """Send ``text`` as the local user and print the reply."""
         mid = self.channel.new_id()
-        current = Turn("user", self.user_id, mid, text)
+        current = Turn("user", self.user_id, mid, text, created_utc=self.channel.now_utc())
         turns = merge_context([], self.channel.history,
                               current, self.s.config.discord.context_messages)
         self.channel.history.append(current)
@@ -221,9 +239,12 @@ class Console:
             return
         self.last_reply = out.feedback_message_id
         v = out.result.adapter_version
+        if out.not_stored is not None:
+            stored = f"not stored: {out.not_stored}"
+        else:
+            stored = "logged" if out.logged else "not logged (/consent on to allow)"
         self.say(f"  [{'base model' if v is None else f'v{v}'} · "
-                 f"{out.result.latency_ms:.0f} ms · "
-                 f"{'logged' if out.logged else 'not logged (/consent on to allow)'}]")
+                 f"{out.result.latency_ms:.0f} ms · {stored}]")
 
 
 async def run_console(services: Services, guild: str, *, user: str = "you",

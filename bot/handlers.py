@@ -9,8 +9,10 @@ holds one SQLite connection per thread); generation goes through the engine, nev
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +24,8 @@ from typing import Any, Protocol, TypeVar
 from bot.engine import AdapterError, GenerationRequest, GenerationResult
 from bot.services import Services
 from guildtune.prompting import merge_turns
-from storage.store import StoreBusyError
+from storage.store import StoreBusyError, StoreFullError
+from storage.times import to_utc
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +47,44 @@ OPERATOR_TRAINING_OFF = (
 
 
 def consent_statement(guild_name: str, cfg: Any) -> str:
-    """The plain-words data statement shown by /consent (Red's end-user data statement)."""
+    """The plain-words data statement shown by /consent (Red's end-user data statement); the
+    README's data statement says the same at length."""
     days = cfg.privacy.retention_days
     keep = f"for {days} days" if days > 0 else "until you or an admin delete it"
+    when = "at once" if cfg.training.strict_forget else "when the next training run ends"
     return (
-        f"**What guildtune stores in {guild_name}, only if you opt in**\n"
+        f"**What guildtune stores in {guild_name}, only if you opt in** (and only what you write "
+        "from then on)\n"
         "• Your messages that the bot answered, the conversation around them, and the bot's "
         "replies.\n"
         "• Your 👍/👎 on the bot's replies and any better reply you suggest.\n"
+        "• If this server's admins turn on learning from members, your replies to other "
+        "opted-in members.\n"
         "**What for:** to tune this server's own version of the model (only when the server's "
         "admins and the bot's operator both enabled training). Nothing is shared with other "
         "servers.\n"
-        f"**How long:** {keep}. `/mydata` sends you a copy; `/forget` deletes everything and the "
-        "model is retrained without it.\n"
+        f"**How long:** {keep}. `/mydata` sends you a copy. Opting out stops storage and "
+        "training on what was stored; `/forget` deletes everything, and model versions that "
+        f"learned from it stop being used {when} and are retrained without it.\n"
         "If you do not opt in, nothing of yours is stored: in stored conversations your words "
-        "are replaced by a placeholder."
+        "are replaced by a placeholder, and cut from the bot's replies that repeat them."
     )
+
+
+def forget_text(rep: Any) -> str:
+    """What a member is told after /forget: only what is true of this ``ForgetReport``."""
+    text = f"Done: {rep.total_deleted} stored items deleted and you are opted out."
+    if rep.tainted:
+        vs = ", ".join(f"v{v}" for _, v in rep.tainted)
+        text += f" Model versions trained on your data ({vs}) will not be used again"
+        text += (": the server went back to a version without your data until the retrain "
+                 "lands." if rep.deactivated else "; a retrain without your data is queued.")
+    if rep.in_flight:
+        text += (" A training run in progress may include your data: its result will not be "
+                 "used, and a retrain without your data follows it.")
+    if not rep.tainted and not rep.in_flight:
+        text += " No model version was trained on your data."
+    return text
 
 
 class UserError(Exception):
@@ -92,17 +117,28 @@ def reply_reason(*, is_bot: bool, is_system: bool, mentions_everyone: bool, is_d
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of the conversation, as the handlers see it."""
+    """One message of the conversation, as the handlers see it.
+
+    ``created_utc`` is when the message was written (a Discord message's ``created_at``, the
+    console's clock), in the store's format. It is required, with no default: the store keeps a
+    member's text only when it was written after they opted in, and refuses a turn without it.
+    """
 
     role: str  # "user" or "assistant" (the bot's own messages)
     author_id: int | None
     message_id: int | None
     text: str
+    created_utc: str = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        # One stored form (UTC, ms, "Z") whatever the caller had: a datetime or any ISO 8601
+        # time; anything else is a ValueError here, not a bad row later.
+        object.__setattr__(self, "created_utc", to_utc(self.created_utc))
 
     def stored(self) -> dict[str, Any]:
         """The shape ``store.log_interaction`` takes (it redacts non-consented authors)."""
         return {"role": self.role, "author_id": self.author_id, "message_id": self.message_id,
-                "text": self.text}
+                "text": self.text, "created_utc": self.created_utc}
 
 
 def merge_context(chain: Sequence[Turn], recent: Sequence[Turn], current: Turn,
@@ -232,6 +268,22 @@ class ReplyChannel(Protocol):
         controls (reactions or buttons)."""
 
 
+def unstorable(exc: BaseException) -> str | None:
+    """Why a write failed when the failure must not cost the member their reply (the database
+    locked past its retries, the disk full), in words; None for any other error, which the
+    caller re-raises. The store raises StoreFullError for a full disk; sqlite3's own "database
+    or disk is full" and OSError ENOSPC are matched too, for writes that reach them directly."""
+    if isinstance(exc, StoreBusyError):
+        return "the database is locked by another process"
+    if isinstance(exc, StoreFullError):
+        return "the disk is full"
+    if isinstance(exc, sqlite3.OperationalError) and "database or disk is full" in str(exc):
+        return "the disk is full"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+        return "the disk is full"
+    return None
+
+
 @dataclass
 class ChatOutcome:
     """What ``Core.chat`` did."""
@@ -241,6 +293,7 @@ class ChatOutcome:
     logged: bool = False
     interaction_id: str | None = None
     limited: str | None = None  # the friendly rate-limit text, when refused
+    not_stored: str | None = None  # why the exchange could not be stored (locked db, full disk)
 
     @property
     def feedback_message_id(self) -> int | None:
@@ -267,12 +320,54 @@ class StatusReport:
     next_run: str
     schedule: str
     chart_png: bytes | None = None
+    # Set when the active version is tainted: ``StatusReport.taint(...)``.
+    tainted: dict[str, Any] | None = None
+
+    TAINT_REASON = "trained on data of a member who was forgotten or opted out"
+
+    @staticmethod
+    def taint(active: Any, versions: Sequence[Any], open_run: Any, *,
+              operator_training: bool, guild_training: bool) -> dict[str, Any] | None:
+        """What every status surface (/tune status, the console, ``guildtune status``) says of
+        a tainted active version, as JSON-able facts and one ``replacement`` sentence: which
+        run will replace it and whether it can, else that the guild stays on it, and the
+        newest clean version a rollback returns to. None when the active version is clean."""
+        if active is None or active.tainted_utc is None:
+            return None
+        v = active.version
+        fallback = max((x.version for x in versions
+                        if x.version < v and x.tainted_utc is None and x.status == "retired"
+                        and x.activated_utc), default=None)
+        if open_run is None:
+            text = (f"no retrain queued: the guild stays on v{v} until a retrain succeeds or "
+                    "an admin rolls back")
+        elif open_run.status == "running":
+            text = (f"retrain run #{open_run.id} is running: v{v} stays active until it "
+                    "publishes a clean version")
+        else:
+            off = ("the operator" if not operator_training else
+                   None if guild_training or open_run.force else "this server")
+            text = (f"retrain run #{open_run.id} is queued, but training is off ({off}), so "
+                    f"it will fail: the guild stays on v{v} until a retrain succeeds or an "
+                    "admin rolls back" if off else
+                    f"retrain run #{open_run.id} is queued: v{v} stays active until a worker "
+                    "trains it and publishes a clean version")
+        text += (f"; newest clean version: v{fallback} (a rollback returns to it)"
+                 if fallback is not None else "; no clean version: a rollback returns to the "
+                 "base model")
+        return {"version": v, "tainted_utc": active.tainted_utc,
+                "reason": StatusReport.TAINT_REASON,
+                "retrain_run": None if open_run is None else
+                {"id": open_run.id, "status": open_run.status},
+                "newest_clean_version": fallback, "replacement": text}
 
     def fields(self) -> list[tuple[str, str]]:
         """(name, value) pairs, in display order."""
         training = ("on" if self.guild_training and self.operator_training else
                     "off (operator)" if not self.operator_training else "off")
         active = "base model" if self.active_version is None else f"v{self.active_version}"
+        if self.tainted:
+            active += f" (tainted: {self.TAINT_REASON})"
         if self.active_since:
             active += f" since {self.active_since[:16].replace('T', ' ')} UTC"
         if self.engine_version != self.active_version:
@@ -283,8 +378,10 @@ class StatusReport:
                ("Ratings", f"👍 {self.likes} · 👎 {self.dislikes} · "
                            f"{self.consented_users} members opted in"),
                ("Last run", self.last_run), ("Next scheduled run", self.next_run)]
+        if self.tainted:
+            out.insert(1, ("Replacement", self.tainted["replacement"]))
         if self.running:
-            out.insert(5, ("Running", self.running))
+            out.insert(len(out) - 1, ("Running", self.running))
         return out
 
     def lines(self) -> list[str]:
@@ -407,22 +504,40 @@ class Core:
                     reply_message_id=out.feedback_message_id,
                     adapter_version=result.adapter_version, tokens_in=result.tokens_in,
                     tokens_out=result.tokens_out, latency_ms=result.latency_ms)
-            except StoreBusyError as exc:
+            except Exception as exc:
+                why = unstorable(exc)
+                if why is None:
+                    raise
                 # The member has their answer; only the training signal of this one exchange
-                # is lost, and the log says so (the store already retried).
-                log.warning("guild %s: reply sent but not logged: %s", guild_id, exc)
+                # is lost, and the log (and the console) say so.
+                out.not_stored = why
+                log.warning("guild %s: reply sent but not logged: %s (%s)", guild_id, why, exc)
                 return out
             out.logged, out.interaction_id = res.stored, res.interaction_id
         return out
 
     async def observe_message(self, guild_id: int, message_id: int, user_id: int, text: str, *,
-                              channel_id: int, reply_to: int | None) -> bool:
+                              channel_id: int, reply_to: int | None,
+                              created_utc: str | None = None) -> bool:
         """Keep a human message for training when the guild learns from humans (and the
-        author consented: the store checks)."""
+        author consented: the store checks). ``text`` is in the readable form the front end
+        also uses for chat context (the Cog's ``_text``: mentions as ``@name``);
+        ``created_utc`` is when it was written (default: now). A full disk or a locked database
+        loses this one message, never the reply."""
         if not text.strip() or not (await self.settings(guild_id)).learn_from_humans:
             return False
-        return await self._db(self.s.store.log_message, guild_id, message_id, user_id, text,
-                              channel_id=channel_id, reply_to_message_id=reply_to)
+        try:
+            return await self._db(self.s.store.log_message, guild_id, message_id, user_id, text,
+                                  channel_id=channel_id, reply_to_message_id=reply_to,
+                                  created_utc=created_utc)
+        except Exception as exc:
+            why = unstorable(exc)
+            if why is None:
+                raise
+            # Keeping a message is a side line: a full disk must not stop the bot answering.
+            log.warning("guild %s: message %s not kept: %s (%s)", guild_id, message_id, why,
+                        exc)
+            return False
 
     # -- feedback --------------------------------------------------------------------------------
 
@@ -470,6 +585,8 @@ class Core:
         return await self._db(self.s.store.delete_message, guild_id, message_id)
 
     async def message_edited(self, guild_id: int, message_id: int, text: str) -> int:
+        """A message was edited: update its stored copies. ``text`` is in the same readable
+        form as ``observe_message`` and chat context (mentions as ``@name``)."""
         return await self._db(self.s.store.edit_message, guild_id, message_id, text)
 
     # -- member commands -------------------------------------------------------------------------
@@ -483,29 +600,25 @@ class Core:
             new = await self._db(self.s.store.grant_consent, guild_id, user_id)
             return ("You opted in. Thank you! Your conversations with the bot and your ratings "
                     "will be stored." if new else "You were already opted in.")
-        was = await self._db(self.s.store.revoke_consent, guild_id, user_id)
-        return ("You opted out: nothing new of yours will be stored. What was stored stays "
-                "until you use /forget." if was else "You were not opted in; nothing is stored.")
+        was = await self._db(self.s.store.revoke_consent, guild_id, user_id,
+                             strict=self.s.config.training.strict_forget)
+        return ("You opted out: nothing new of yours will be stored, and what was stored is "
+                "no longer used to train (model versions that learned from it are retrained "
+                "without it). It stays stored until you use /forget." if was else
+                "You were not opted in; nothing is stored.")
 
     async def export(self, guild_id: int, user_id: int) -> bytes:
         """The member's data in this guild as pretty JSON (the /mydata file)."""
         data = await self._db(self.s.store.export_user, user_id, guild_id)
         return json.dumps(data, indent=2, ensure_ascii=False, default=str).encode()
 
-    async def forget(self, guild_id: int, user_id: int) -> str:
-        """Delete everything of the member in this guild; the text reports the retrain."""
+    async def forget(self, guild_id: int, user_id: int, names: Sequence[str] = ()) -> str:
+        """Delete everything of the member in this guild (their id and ``names`` also leave
+        other members' stored texts); the text tells them truthfully what happens to the
+        model."""
         rep = await self._db(self.s.store.forget_user, user_id, guild_id,
-                             strict=self.s.config.training.strict_forget)
-        text = f"Done: {rep.total_deleted} stored items deleted and you are opted out."
-        if rep.tainted:
-            vs = ", ".join(f"v{v}" for _, v in rep.tainted)
-            text += (f" Model versions trained on your data ({vs}) are marked; a retrain without "
-                     "your data is queued")
-            text += (" and the server went back to a version without it." if rep.deactivated
-                     else ".")
-        else:
-            text += " No model version was trained on your data."
-        return text
+                             strict=self.s.config.training.strict_forget, names=tuple(names))
+        return forget_text(rep)
 
     # -- admin commands --------------------------------------------------------------------------
 
@@ -526,6 +639,12 @@ class Core:
         active = await self._db(store.active_version, guild_id)
         runs = await self._db(store.runs, guild_id, 10)
         op = self.s.config.training.enabled
+        tainted = None
+        if active is not None and active.tainted_utc is not None:
+            tainted = StatusReport.taint(
+                active, await self._db(store.versions, guild_id),
+                await self._db(store.open_run, guild_id), operator_training=op,
+                guild_training=gs.training_enabled)
         last = next((r for r in runs if r.status in ("succeeded", "failed", "rejected")), None)
         if last is None:
             last_text = "none yet"
@@ -561,7 +680,7 @@ class Core:
             likes=int(stats.get("likes") or 0), dislikes=int(stats.get("dislikes") or 0),
             consented_users=int(stats.get("consented_users") or 0), last_run=last_text,
             running=running, next_run=self._next_run(schedule, op and gs.training_enabled),
-            schedule=schedule, chart_png=png)
+            schedule=schedule, chart_png=png, tainted=tainted)
 
     async def _require_training(self, guild_id: int) -> None:
         if not self.s.config.training.enabled:
@@ -686,8 +805,10 @@ class AdapterWatcher:
     """Keeps the engine serving what storage says is active (new versions, rollbacks).
 
     Polls ``store.active_versions()`` every ``interval`` seconds: the trainer runs in another
-    process and meets the bot only through SQLite. An AdapterError is logged and the old version
-    keeps serving; the same broken version is not retried until storage changes again.
+    process and meets the bot only through SQLite. A guild whose activation fails (an
+    AdapterError, or anything unexpected) is logged and keeps its old version; the other guilds'
+    swaps and deactivations in the same poll go on. ``_failed`` is the one home of the backoff
+    rule: the same (guild, version) is not retried until storage names another version.
     """
 
     def __init__(self, services: Services, interval: float = 5.0,
@@ -696,7 +817,8 @@ class AdapterWatcher:
         self.interval = interval
         self.notify = notify
         self._task: asyncio.Task[None] | None = None
-        self._failed: dict[int, int] = {}
+        self._failed: dict[int, int] = {}  # guild -> version whose activation failed
+        self._stuck: set[int] = set()  # guilds whose deactivation failed (retried every poll)
 
     @property
     def running(self) -> bool:
@@ -732,25 +854,42 @@ class AdapterWatcher:
         """One poll: bring the engine in line with storage. Returns what changed, as lines."""
         wanted = await asyncio.to_thread(self.s.store.active_versions)
         serving = self.s.engine.active_versions()
+        # Forget failures the store has moved on from: a version named again later is retried.
+        self._failed = {g: v for g, v in self._failed.items() if g in wanted and
+                        wanted[g][0] == v}
         changes: list[tuple[int, str]] = []
         for guild_id, (version, path) in sorted(wanted.items()):
             if serving.get(guild_id) == version or self._failed.get(guild_id) == version:
                 continue
             try:
                 await self.s.engine.activate(guild_id, version, path)
-            except AdapterError as exc:
+            except Exception as exc:  # one guild's adapter must not stop the others' swaps
                 self._failed[guild_id] = version
-                log.error("guild %s: cannot activate adapter v%s (%s); keeping %s", guild_id,
-                          version, exc, serving.get(guild_id, "the base model"))
-                changes.append((guild_id, f"⚠️ v{version} could not be loaded ({exc}); still "
+                keeping = serving.get(guild_id, "the base model")
+                if isinstance(exc, AdapterError):
+                    log.error("guild %s: cannot activate adapter v%s (%s); keeping %s",
+                              guild_id, version, exc, keeping)
+                    why = str(exc)
+                else:  # a bug, not a bad file: keep the traceback, still contain it
+                    log.exception("guild %s: activating adapter v%s failed unexpectedly; "
+                                  "keeping %s", guild_id, version, keeping)
+                    why = f"internal error: {type(exc).__name__}"
+                changes.append((guild_id, f"⚠️ v{version} could not be loaded ({why}); still "
                                           "serving the previous version."))
                 continue
             self._failed.pop(guild_id, None)
             log.info("guild %s: now serving adapter v%s", guild_id, version)
             changes.append((guild_id, f"Now serving model v{version}."))
         for guild_id in sorted(set(serving) - set(wanted)):
-            await self.s.engine.deactivate(guild_id)
-            self._failed.pop(guild_id, None)
+            try:
+                await self.s.engine.deactivate(guild_id)
+            except Exception:  # retried every poll: the guild asked to leave its adapter
+                if guild_id not in self._stuck:
+                    self._stuck.add(guild_id)
+                    log.exception("guild %s: deactivating its adapter failed; retrying every "
+                                  "poll", guild_id)
+                continue
+            self._stuck.discard(guild_id)
             log.info("guild %s: back on the base model", guild_id)
             changes.append((guild_id, "Back on the base model."))
         if self.notify is not None:

@@ -13,6 +13,8 @@ This module is a UI: it prints progress on purpose.
 
 from __future__ import annotations
 
+from storage.times import utc_now
+
 import asyncio
 import itertools
 import json
@@ -155,7 +157,7 @@ class Demo:
         member = g.members[rng.randrange(len(g.members))]
         text = next(self.prompt_iter[g.guild_id])
         mid = self.channel.new_id()
-        turn = Turn("user", member, mid, text)
+        turn = Turn("user", member, mid, text, created_utc=utc_now())
         turns = [*self.history[g.guild_id][-4:], turn]
         outcome = await core.chat(self.channel, guild_id=g.guild_id, channel_id=g.guild_id + 1,
                                   user_id=member, request_message_id=mid, turns=turns)
@@ -163,7 +165,7 @@ class Demo:
             return
         reply = outcome.result.text
         self.history[g.guild_id] += [turn, Turn("assistant", None, outcome.feedback_message_id,
-                                                reply)]
+                                                reply, created_utc=utc_now())]
         liked = g.community.likes(reply)
         self.judgments.setdefault(phase, []).append((g.name, outcome.result.adapter_version,
                                                      liked))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from storage.times import utc_now
+
 import json
 
 import discord
@@ -39,7 +41,8 @@ def inter(bot, user=ALICE, message_id=None):
 
 def log_reply(s, user_id=ALICE.id, reply_id=9001):
     return s.store.log_interaction(G, 1, user_id, context=[
-        {"role": "user", "author_id": user_id, "message_id": 9000, "text": "hi"}],
+        {"role": "user", "author_id": user_id, "message_id": 9000, "text": "hi",
+         "created_utc": utc_now()}],
         reply="hello", request_message_id=9000, reply_message_id=reply_id).interaction_id
 
 
@@ -87,7 +90,9 @@ async def test_forget_deletes_rows_and_queues_retrain(env) -> None:
     assert "Nothing was deleted" in c.text and s.store.guild_stats(G)["interactions"] == 1
     c = inter(bot)
     await view.confirm.callback(c)
-    assert "retrain without your data is queued" in c.text
+    # The default (strict_forget): v1 stops serving at once, and the member is told so.
+    assert "went back to a version without your data" in c.text and "retrain" in c.text
+    assert s.store.active_version(G) is None
     assert s.store.guild_stats(G)["interactions"] == 0
     assert not s.store.has_consent(G, ALICE.id)
     assert s.store.open_run(G).trigger == "forget"

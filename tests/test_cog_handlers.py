@@ -7,6 +7,8 @@ import pytest
 from bot.handlers import (RateLimiter, Turn, chat_messages, merge_context, reply_reason,
                           split_reply)
 
+T = "2026-11-26T08:15:00.000Z"  # when the turns below were written (Turn requires it)
+
 
 def test_split_short_reply_is_one_part() -> None:
     assert split_reply("  hi  ") == ["hi"]
@@ -57,16 +59,18 @@ def test_reply_reason(changes: dict, expected: str | None) -> None:
 
 
 def test_merge_context_keeps_chain_and_newest_recent() -> None:
-    chain = [Turn("assistant", 9, 5, "bot said"), Turn("user", 1, 2, "root")]
-    recent = [Turn("user", 3, i, f"m{i}") for i in range(10, 20)] + [chain[0]]
-    cur = Turn("user", 1, 30, "now")
+    chain = [Turn("assistant", 9, 5, "bot said", created_utc=T),
+             Turn("user", 1, 2, "root", created_utc=T)]
+    recent = [Turn("user", 3, i, f"m{i}", created_utc=T) for i in range(10, 20)] + [chain[0]]
+    cur = Turn("user", 1, 30, "now", created_utc=T)
     got = merge_context(chain, recent, cur, limit=4)
     assert [t.message_id for t in got] == [2, 5, 18, 19, 30]
 
 
 def test_chat_messages_budget_drops_oldest_and_merges_users() -> None:
-    turns = [Turn("user", 1, 1, "x" * 500), Turn("assistant", 9, 2, "ok"),
-             Turn("user", 1, 3, "a"), Turn("user", 2, 4, "b")]
+    turns = [Turn("user", 1, 1, "x" * 500, created_utc=T),
+             Turn("assistant", 9, 2, "ok", created_utc=T),
+             Turn("user", 1, 3, "a", created_utc=T), Turn("user", 2, 4, "b", created_utc=T)]
     msgs = chat_messages("SYS", turns, max_chars=300)
     assert msgs[0] == {"role": "system", "content": "SYS"}
     assert msgs[1:] == [{"role": "assistant", "content": "ok"},

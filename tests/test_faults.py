@@ -27,7 +27,7 @@ import pytest
 
 from guildtune.cli import main as cli_main
 from guildtune.config import Config, parse_config
-from storage import Store, StoreError, check_backup, open_store, restore_backup
+from storage import Store, StoreError, check_backup, open_store, restore_backup, utc_now
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # spawned children inherit it
 
@@ -605,7 +605,8 @@ async def _chat_while_locked(tmp_path: Path) -> tuple[_Channel, Any, BaseExcepti
         with locked_by_other_process(db):
             try:
                 outcome = await core.chat(channel, guild_id=G, channel_id=1, user_id=7,
-                                          request_message_id=5, turns=[Turn("user", 7, 5, "hi")])
+                                          request_message_id=5,
+                                          turns=[Turn("user", 7, 5, "hi", created_utc=utc_now())])
             except Exception as exc:  # noqa: BLE001 - judged by the callers
                 raised = exc
         assert _integrity(db) == "ok"

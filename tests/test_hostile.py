@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from storage.times import utc_now
+
 import discord
 import discord.ext.test as dpytest
 import pytest
@@ -98,7 +100,9 @@ async def _chat_once(core: Core, text: str, reply: str, user: int = ALICE) -> Re
     core.s.engine.replies.append(reply)  # type: ignore[attr-defined]
     ch = RecordingChannel()
     mid = 10**14 + len(core.s.engine.requests)  # type: ignore[attr-defined]
-    turns = [Turn("user", BOB, mid - 1, "earlier: " + text[:50]), Turn("user", user, mid, text)]
+    now = utc_now()
+    turns = [Turn("user", BOB, mid - 1, "earlier: " + text[:50], created_utc=now),
+             Turn("user", user, mid, text, created_utc=now)]
     out = await core.chat(ch, guild_id=G, channel_id=1, user_id=user, request_message_id=mid,
                           turns=turns)
     assert out.limited is None and ch.parts
@@ -263,8 +267,10 @@ def test_template_tokens_cannot_open_a_turn(tiny_engine: Any, name: str) -> None
                                                      "max_context_tokens": budget})
 
         def render(text: str, persona: str = "be nice") -> list[int]:
-            turns = [Turn("user", BOB, 1, text), Turn("assistant", None, 2, "ok"),
-                     Turn("user", ALICE, 3, text)]
+            now = utc_now()
+            turns = [Turn("user", BOB, 1, text, created_utc=now),
+                     Turn("assistant", None, 2, "ok", created_utc=now),
+                     Turn("user", ALICE, 3, text, created_utc=now)]
             return tiny_engine.prompt_ids(chat_messages(persona, turns, 10_000), 4)
 
         plain = _specials(tiny_engine, render("plain words"))
@@ -286,7 +292,8 @@ async def test_tiny_engine_answers_hostile_chat(tiny_engine: Any) -> None:
     await tiny_engine.start()
     try:
         for text in CLASSIC.values():
-            msgs = chat_messages("be nice", [Turn("user", ALICE, 1, text)], 3000)
+            msgs = chat_messages("be nice", [Turn("user", ALICE, 1, text, created_utc=utc_now())],
+                                 3000)
             res = await tiny_engine.generate(GenerationRequest(G, msgs))
             assert isinstance(res.text, str) and res.text.strip()
     finally:
@@ -319,7 +326,8 @@ def _exchange(store: Store, user: int, n: int, raters: dict[int, int]) -> str:
     rid = next(_mid)
     res = store.log_interaction(G, 1, user, reply=f"answer {user}-{n}", reply_message_id=rid,
                                 context=[{"role": "user", "author_id": user,
-                                          "message_id": next(_mid), "text": f"q {user}-{n}"}])
+                                          "message_id": next(_mid), "text": f"q {user}-{n}",
+                                          "created_utc": utc_now()}])
     for u, r in raters.items():
         assert store.record_feedback(G, rid, u, r)
     return res.interaction_id

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bot.handlers import AdapterWatcher, Core, Turn, UserError
+from storage.times import utc_now
 from tests.fakes import FakeEngine, make_services
 from trainer.data import build_dataset
 
@@ -85,7 +86,8 @@ async def _run(tmp: Path, stream: list[tuple]) -> None:
                 await core.consent(g, ev[2], ev[3])
             elif kind == "chat":
                 m = next(mid)
-                cur = Turn("user", ev[2], m, f"{tag} message {ev[3]} of {ev[2]}")
+                cur = Turn("user", ev[2], m, f"{tag} message {ev[3]} of {ev[2]}",
+                           created_utc=utc_now())
                 turns = history[g][-4:] + [cur]
                 history[g].append(cur)
                 out = await core.chat(chan, guild_id=g, channel_id=g * 10, user_id=ev[2],
@@ -120,7 +122,8 @@ async def _run(tmp: Path, stream: list[tuple]) -> None:
                 parent = history[g][ev[3] % len(history[g])].message_id if history[g] else None
                 await core.observe_message(g, m, ev[2], f"{tag} human line",
                                            channel_id=g * 10, reply_to=parent)
-                history[g].append(Turn("user", ev[2], m, f"{tag} human line"))
+                history[g].append(Turn("user", ev[2], m, f"{tag} human line",
+                                       created_utc=utc_now()))
             elif kind == "version":
                 # A new adapter version for g goes live: only g's serving may change.
                 before = {h: engine.versions.get(h) for h in GUILDS if h != g}

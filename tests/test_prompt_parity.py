@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.handlers import Core, Turn
+from storage.times import utc_now
 from tests.fakes import FakeEngine, make_services
 from trainer.data import build_dataset
 
@@ -33,9 +34,12 @@ async def test_served_prompt_equals_trained_prompt(tmp_path: Path) -> None:
     core = Core(s)
     for u in (ALICE, BOB):
         s.store.grant_consent(G, u)
-    turns = [Turn("user", BOB, 10, "first from bob"), Turn("user", CAROL, 11, "carol, not in"),
-             Turn("assistant", None, 12, "an earlier bot reply"),
-             Turn("user", BOB, 13, "bob again"), Turn("user", ALICE, 14, "alice asks")]
+    now = utc_now()  # written after Alice and Bob opted in
+    turns = [Turn("user", BOB, 10, "first from bob", created_utc=now),
+             Turn("user", CAROL, 11, "carol, not in", created_utc=now),
+             Turn("assistant", None, 12, "an earlier bot reply", created_utc=now),
+             Turn("user", BOB, 13, "bob again", created_utc=now),
+             Turn("user", ALICE, 14, "alice asks", created_utc=now)]
     out = await core.chat(Channel(), guild_id=G, channel_id=1, user_id=ALICE,
                           request_message_id=14, turns=turns)
     assert out.logged

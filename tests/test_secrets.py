@@ -3,6 +3,8 @@ exceptions or reprs, through the console, the CLI, a demo-like flow and forced f
 
 from __future__ import annotations
 
+from storage.times import utc_now
+
 import asyncio
 import json
 import logging
@@ -109,8 +111,8 @@ async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_pa
         for g in (1, 2):
             await core.consent(g, 7, True)
             res = await core.chat(Chan(), guild_id=g, channel_id=3, user_id=7,
-                                  request_message_id=50 + g, turns=[Turn("user", 7, 50 + g,
-                                                                         "hi")])
+                                  request_message_id=50 + g, turns=[Turn("user", 7, 50 + g, "hi",
+                                                                         created_utc=utc_now())])
             await core.rate(g, res.feedback_message_id, 7, 1)
             data = build_dataset(s.store, g, cfg)
             (tmp_path / f"dataset-{g}.json").write_text(json.dumps(
