@@ -11,8 +11,11 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import sqlite3
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,31 @@ log = logging.getLogger("guildtune")
 _PLUGINS = ("guildtune.cli_train", "guildtune.cli_bot", "guildtune.cli_demo")
 
 
+def _data_dir(cfg: Config) -> Path:
+    """The data directory, created with mode 0700 (it holds members' data) when missing; a
+    ConfigError naming ``storage.data_dir`` when it cannot be used."""
+    d = cfg.data_dir
+    where = f"config: storage.data_dir = {str(d)!r}"
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory")
+    created = not d.exists()
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if created:
+            d.chmod(0o700)  # mkdir's mode is masked by the umask
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be created: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} is not writable by this user; fix its owner or mode, or "
+                          "choose another directory")
+    return d
+
+
 def _store(cfg: Config):  # noqa: ANN202 - storage import kept local for start-up time
     from storage import open_store
 
+    _data_dir(cfg)
     return open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
                       write_retries=cfg.storage.write_retries)
 
@@ -38,7 +63,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
-    """Create the data directory and the database."""
+    """Create the data directory (mode 0700) and the database."""
     store = _store(cfg)
     store.close()
     (cfg.adapters_dir).mkdir(parents=True, exist_ok=True)
@@ -53,11 +78,22 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    """Per guild: consented users, interactions, ratings, active version, queued runs."""
+    """Per guild: consented users, interactions, ratings, active version, queued runs; a
+    tainted active version is marked, with what will replace it (``active_tainted``)."""
+    from bot.handlers import StatusReport  # no discord, no torch: the same words as /tune status
+
     store = _store(cfg)
     try:
         guilds = [args.guild] if args.guild else store.guild_ids()
-        stats = [store.guild_stats(g) for g in guilds]
+        stats = []
+        for g in guilds:
+            s = store.guild_stats(g)
+            active = store.active_version(g)
+            s["active_tainted"] = None if active is None or active.tainted_utc is None else \
+                StatusReport.taint(active, store.versions(g), store.open_run(g),
+                                   operator_training=cfg.training.enabled,
+                                   guild_training=store.guild_settings(g).training_enabled)
+            stats.append(s)
     finally:
         store.close()
     if args.json:
@@ -72,11 +108,17 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
               "queued")
     rows = [(str(s["guild_id"]), str(s["consented_users"]), str(s["interactions"]),
              str(s["messages"]), str(s["likes"]), str(s["dislikes"]),
-             "base" if s["active_version"] is None else f"v{s['active_version']}",
+             "base" if s["active_version"] is None else f"v{s['active_version']}"
+             + (" (tainted)" if s["active_tainted"] else ""),
              str(s["queued_runs"])) for s in stats]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for r in (header, *rows):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for s in stats:
+        t = s["active_tainted"]
+        if t:
+            print(f"guild {s['guild_id']}: v{t['version']} (tainted: {t['reason']}); "
+                  f"{t['replacement']}")
     return 0
 
 
@@ -88,8 +130,11 @@ def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=2, ensure_ascii=False),
-                                  encoding="utf-8")
+        # A member's data: readable by the operator's account only, also when the file existed.
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, ensure_ascii=False))
         print(f"wrote {args.out}")
     else:
         _print_json(data)
@@ -100,35 +145,76 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     """Delete every row of one member; taint and retrain the versions trained on them."""
     store = _store(cfg)
     try:
-        report = store.forget_user(args.user, args.guild, strict=cfg.training.strict_forget)
+        report = store.forget_user(args.user, args.guild, strict=cfg.training.strict_forget,
+                                   names=args.name or ())
     finally:
         store.close()
     print(f"deleted {report.total_deleted} rows of user {args.user}: "
           + ", ".join(f"{k} {v}" for k, v in report.deleted.items() if v))
     for g, v in report.tainted:
-        print(f"guild {g}: version {v} was trained on their data; retrain queued "
-              f"(run {report.retrain_runs.get(g)})")
+        print(f"guild {g}: version {v} was trained on their data; it will not be used again")
+    for g, run_id in report.retrain_runs.items():
+        print(f"guild {g}: retrain without their data queued (run {run_id})")
+    for g, run_id in report.in_flight.items():
+        print(f"guild {g}: run {run_id} in progress may include their data: its result will "
+              "not be used; a retrain follows it")
     for g in report.deactivated:
         print(f"guild {g}: tainted active version replaced at once (strict_forget)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
-    """Load a community JSONL (or DiscordChatExporter JSON) file as consented history."""
-    from .community import read_community
+    """Load a community JSONL (or DiscordChatExporter JSON) file as consented history.
 
-    messages = read_community(args.file)
+    Every time is stored as a UTC timestamp; times without a date are dated (and the import
+    says how). Message ids come from each message's identity in its file, and a message id the
+    guild already holds is never replaced: two files both survive, and importing the same file
+    again stores nothing."""
+    from storage.times import format_utc
+
+    from .community import load_community
+
+    src = load_community(args.file)
+    messages = src.messages
     store = _store(cfg)
     try:
-        n = store.import_messages(args.guild, (m.as_store_row() for m in messages))
+        before = store.import_record(args.guild, src.sha256)
+        n = 0 if before else store.import_messages(
+            args.guild, (m.as_store_row() for m in messages),
+            source={"sha256": src.sha256, "file_name": src.path.name})
         if args.learn_from_humans:
             store.update_guild_settings(args.guild, learn_from_humans=True)
         pairs = len(store.reply_pairs(args.guild))
     finally:
         store.close()
+    if before:
+        same = "" if before["file_name"] == src.path.name else \
+            f" (the same bytes as {before['file_name']})"
+        print(f"already imported: {src.path.name}{same} was imported into guild {args.guild} "
+              f"on {before['imported_utc']} ({before['stored']} messages stored then); "
+              "nothing stored")
+        return 0
+    if n == 0:
+        print(f"already imported: all {len(messages)} messages of {src.path.name} are already "
+              f"stored in guild {args.guild}; nothing stored")
+        return 0
     authors = len({m.user_id for m in messages})
+    skipped = len(messages) - n
     print(f"imported {n} messages by {authors} members into guild {args.guild} "
-          f"({pairs} reply pairs); the operator asserts their consent and Discord's permission")
+          f"({pairs} reply pairs)"
+          + (f"; {skipped} messages were already stored and kept as they were" if skipped
+             else "") + "; the operator asserts their consent and Discord's permission")
+    note = src.dating_note()
+    if note:
+        print(f"note: {note}")
+    days = cfg.privacy.retention_days
+    if days > 0:
+        cutoff = format_utc(datetime.now(UTC) - timedelta(days=days))
+        old = sum(m.time < cutoff for m in messages)
+        if old:
+            print(f"note: {old} of these messages are older than privacy.retention_days "
+                  f"({days} days): the retention job deletes them within a minute of the next "
+                  "bot or worker start (privacy.retention_days = 0 keeps everything)")
     return 0
 
 
@@ -189,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget", help="delete every row of one member and retrain without it")
     p.add_argument("--user", type=int, required=True)
     p.add_argument("--guild", type=int, help="only this guild (default: all)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="a name of theirs (repeatable) to remove from other members' stored "
+                        "texts too; their id always is")
     p.set_defaults(func=cmd_forget)
     p = sub.add_parser("import", help="load community JSONL history as consented data")
     p.add_argument("--guild", type=int, required=True)
@@ -236,6 +325,38 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# SQLite result codes of a database file that is damaged or is not a database at all.
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+# ... and of a database the environment keeps us from using (not a bug of ours).
+_UNUSABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN",
+             "SQLITE_READONLY", "SQLITE_PERM")
+
+
+def _sqlite_code(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlite_errorname", "") or "")
+
+
+def error_line(exc: BaseException, cfg: Config | None = None) -> str | None:
+    """The one line an expected error gets on stderr, or None for a bug (which keeps its
+    traceback). The one home for mapping errors to messages: the known error classes, a
+    damaged or unusable database (also as the cause of a StoreError), and file system errors."""
+    db = str(cfg.db_path) if cfg is not None else "the database"
+    for e in (exc, exc.__cause__):
+        if isinstance(e, sqlite3.DatabaseError) and _sqlite_code(e).startswith(_DAMAGED):
+            return (f"{db} is damaged ({e}); restore the last good backup with `guildtune "
+                    "restore BACKUP` (the damaged file is kept beside it as "
+                    "<db>.before-restore)")
+    if isinstance(exc, _known_errors()):
+        msg = str(exc)
+    elif isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc).startswith(_UNUSABLE):
+        msg = f"{db}: {exc}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        msg = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        return None
+    return " ".join(msg.split("\n")).strip() or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -244,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    cfg: Config | None = None
     try:
         cfg = load_config(args.config)
         return int(args.func(args, cfg) or 0)
@@ -251,10 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("guildtune: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if isinstance(exc, _known_errors()):
-            print(f"guildtune: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        line = error_line(exc, cfg)
+        if line is None:
+            raise
+        print(f"guildtune: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,8 @@ class StorageConfig:
     write_retries: int = 3
 
     def validate(self) -> None:
+        _check("\x00" not in self.data_dir, "storage.data_dir", self.data_dir,
+               "a directory path (it contains a NUL character)")
         _non_negative("storage.busy_timeout_ms", self.busy_timeout_ms)
         _non_negative("storage.write_retries", self.write_retries)
 
@@ -99,7 +101,7 @@ class ModelConfig:
     vllm_url: str = "http://127.0.0.1:8000"
 
     def validate(self) -> None:
-        _check(bool(self.name.strip()), "model.name", self.name,
+        _check(bool(self.name.strip()) and "\x00" not in self.name, "model.name", self.name,
                "a Hugging Face id, a local directory, 'tiny' or 'smollm2-135m'")
         _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                "model.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
@@ -161,7 +163,7 @@ class TrainingConfig:
     preference_beta: float = 0.1
     preference_weight: float = 0.5
     correction_weight: float = 2.0
-    strict_forget: bool = False
+    strict_forget: bool = True
     lease_seconds: int = 120
     poll_seconds: float = 5.0
 

@@ -187,3 +187,51 @@ def m002_rerun_after_forget(db: Database) -> None:
         ALTER TABLE training_runs ADD COLUMN rerun INTEGER NOT NULL DEFAULT 0;
         """
     )
+
+
+@migrations()
+def m003_stamp_undated_times(db: Database) -> None:
+    """Imports stored a community file's ``time`` verbatim, often a time of day such as
+    ``"01:00"``; the retention job compared it as a string and deleted the whole history a minute
+    after the next start. Every ``created_utc`` of messages and interactions (the tables the
+    retention period applies to) that is not in the stored form is repaired: a date-time is
+    rewritten in the stored form (the same instant), anything else (a time of day, empty text)
+    is set to this migration's time, so the retention clock of that row starts now instead of
+    deleting it."""
+    from .times import parse_utc, to_utc, utc_now
+
+    now = utc_now()
+    stored_form = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:"
+                   "[0-9][0-9].[0-9][0-9][0-9]Z")
+    for table in ("messages", "interactions"):
+        rows = db.execute(f"SELECT rowid, created_utc FROM {table} WHERE created_utc NOT GLOB ?",
+                          [stored_form]).fetchall()
+        fixed = []
+        for rowid, value in rows:
+            try:
+                parse_utc(value)
+                fixed.append((to_utc(value), rowid))
+            except (TypeError, ValueError):
+                fixed.append((now, rowid))
+        if fixed:
+            db.conn.executemany(f"UPDATE {table} SET created_utc = ? WHERE rowid = ?", fixed)
+
+
+@migrations()
+def m004_imports(db: Database) -> None:
+    """Which community files each guild imported (a hash of the file's bytes): importing the
+    same file again stores nothing and says so. No member data: file name and counts only."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE imports (
+            guild_id INTEGER NOT NULL,
+            source_sha256 TEXT NOT NULL,
+            file_name TEXT NOT NULL,
+            messages INTEGER NOT NULL,
+            stored INTEGER NOT NULL,
+            imported_utc TEXT NOT NULL,
+            PRIMARY KEY (guild_id, source_sha256)
+        );
+        """
+    )

@@ -421,9 +421,7 @@ class Store:
         retrained without them exactly as for a forget (``strict``: the tainted active version
         stops serving at once), and a run in flight is flagged so its result is not served.
         False if they were not opted in."""
-        report = ForgetReport(user_id)
-        revoked = self._revoke(guild_id, user_id, strict, report)
-        return revoked
+        return self._revoke(guild_id, user_id, strict, ForgetReport(user_id))
 
     @_writes
     def _revoke(self, guild_id: int, user_id: int, strict: bool, report: ForgetReport) -> bool:
@@ -783,7 +781,6 @@ class Store:
         report = ForgetReport(user_id)
         where_g = "" if guild_id is None else " AND guild_id = ?"
         gp: list[Any] = [] if guild_id is None else [guild_id]
-        now = utc_now()
         uid = str(user_id)
         guilds = sorted({r[0] for r in self.db.execute(
             " UNION ".join(f"SELECT guild_id FROM {t} WHERE user_id = ?{where_g}" for t in (

@@ -25,7 +25,7 @@ def _jsonl(tmp_path: Path, lines: list) -> Path:
 
 
 def test_jsonl_reply_links_survive_and_parts_do_not_collide(tmp_path: Path) -> None:
-    rows = [{"community": "c", "part": part, "seq": seq, "time": "t", "author_id": a,
+    rows = [{"community": "c", "part": part, "seq": seq, "time": "12:00", "author_id": a,
              "text": f"p{part}s{seq}", "reply_to": r}
             for part, seq, a, r in ((0, 0, 1, []), (0, 1, 2, [0]), (1, 0, 3, []),
                                     (1, 1, 1, [0]), (1, 2, 1, [1]))]

@@ -204,14 +204,52 @@ def kto_loss(model: Any, batch: tuple[torch.Tensor, ...], desirable: torch.Tenso
 
 # -- 4. the loop ---------------------------------------------------------------------------------
 
+# Layer types peft's LoRA adapts (transformers' GPT-2 style Conv1D is matched by name).
+_LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                torch.nn.Conv3d)
+
+
+def check_target_modules(model: Any, target_modules: Sequence[str]) -> None:
+    """ConfigError (one line: the key, the missing names, the names the model has) unless every
+    name in ``lora.target_modules`` matches a module of ``model`` the way peft matches it (the
+    full name or its last dotted parts). peft itself fails deep inside ``get_peft_model`` when
+    none matches, and silently adapts fewer modules when only some do."""
+    from guildtune.config import ConfigError
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+    missing, unsupported = [], []
+    for t in sorted(set(target_modules)):
+        found = [m for n, m in modules if n == t or n.endswith("." + t)]
+        if not found:
+            missing.append(t)
+        elif not any(isinstance(m, _LORA_LAYERS) or type(m).__name__ == "Conv1D"
+                     for m in found):
+            unsupported.append(f"{t} ({type(found[0]).__name__})")
+    if missing or unsupported:
+        problem = (f"names modules that the model ({type(model).__name__}) does not have: "
+                   f"{', '.join(missing)}" if missing else
+                   f"names modules that LoRA cannot adapt: {', '.join(unsupported)}")
+        raise ConfigError(f"config: lora.target_modules {problem}; its linear modules are: "
+                          f"{', '.join(linear)}")
+
+
 def wrap_lora(model: Any, cfg: Config) -> Any:
     """The base model with a fresh LoRA adapter of exactly the configured shape."""
     from peft import LoraConfig, get_peft_model
 
+    from guildtune.config import ConfigError
+
     lc = cfg.lora
-    return get_peft_model(model, LoraConfig(
-        r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-        target_modules=sorted(lc.target_modules), task_type="CAUSAL_LM", bias="none"))
+    check_target_modules(model, lc.target_modules)
+    try:
+        return get_peft_model(model, LoraConfig(
+            r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+            target_modules=sorted(lc.target_modules), task_type="CAUSAL_LM", bias="none"))
+    except ValueError as exc:  # e.g. a target that is not a layer type LoRA supports
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"config: lora = {lc.shape()} cannot be applied to the model "
+                          f"({type(model).__name__}): {detail}") from exc
 
 
 def lr_at(step: int, total: int, peak: float) -> float:

@@ -1,0 +1,242 @@
+"""Expected failures of the ``guildtune`` command: one line on stderr and a non-zero exit, never a
+traceback. Also the modes of the files the command creates for members' data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guildtune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+G = 7
+
+
+def config(tmp_path: Path, data_dir: str | Path | None = None, extra: str = "") -> Path:
+    p = tmp_path / "config.toml"
+    d = json.dumps(str(data_dir if data_dir is not None else tmp_path / "data"))
+    p.write_text(f'[storage]\ndata_dir = {d}\n[model]\nname = "tiny"\n{extra}')
+    return p
+
+
+def cli(capsys: pytest.CaptureFixture[str], cfg: Path, *args: str) -> tuple[int, list[str]]:
+    """Run the command in-process; an unexpected exception (a traceback) fails the test."""
+    rc = main(["--config", str(cfg), *args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line(rc: int, err: list[str], *needles: str) -> None:
+    assert rc != 0
+    assert len(err) == 1, err
+    assert err[0].startswith("guildtune: error: ") and "Traceback" not in err[0]
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def community(tmp_path: Path, n: int = 4, name: str = "c.jsonl", **override: object) -> Path:
+    rows = [{"community": "c", "part": 0, "seq": i, "time": "2026-01-01T10:00:00",
+             "author_id": 100 + i % 2, "text": f"line number {i} " + "words " * 20,
+             "reply_to": [i - 1] if i else []} for i in range(n)]
+    rows[-1].update(override)
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+# -- community files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ({"part": 10**30}, "field 'part' is out of range"),
+    ({"seq": 2**64}, "field 'seq' is out of range"),
+    ({"seq": -1}, "field 'seq' is out of range"),
+    ({"author_id": 10**30}, "author_id is out of range"),
+    ({"author_id": "9" * 30}, "author_id is out of range"),
+    ({"reply_to": [10**30]}, "reply_to is out of range"),
+])
+def test_a_number_out_of_range_in_a_community_file(tmp_path: Path, override: dict,
+                                                   needle: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = cli(capsys, config(tmp_path), "import", "--guild", str(G),
+                  str(community(tmp_path, **override)))
+    assert_one_line(rc, err, "c.jsonl:4: ", needle)
+
+
+def _export(tmp_path: Path, **override: object) -> Path:
+    msg = {"id": "1002", "type": "Reply", "timestamp": "2026-01-01T00:01:00+00:00",
+           "content": "push to main", "author": {"id": "22", "name": "bo"},
+           "reference": {"messageId": "1001"}}
+    msg.update(override)
+    p = tmp_path / "export.json"
+    p.write_text(json.dumps({"channel": {"name": "general"}, "messages": [
+        {"id": "1001", "type": "Default", "timestamp": "2026-01-01T00:00:00+00:00",
+         "content": "how do I deploy?", "author": {"id": "11", "name": "ann"}}, msg]}))
+    return p
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"reference": {"messageId": "not-a-number"}}, "'reference.messageId'"),
+    ({"reference": {"messageId": 12.5}}, "'reference.messageId'"),
+    ({"reference": {"messageId": "9" * 30}}, "'reference.messageId' is out of range"),
+    ({"id": "9" * 30}, "'id' is out of range"),
+    ({"timestamp": "yesterday"}, "'timestamp' = 'yesterday' is not an ISO 8601 date-time"),
+])
+def test_a_bad_id_in_a_discord_export(tmp_path: Path, override: dict, needle: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = cli(capsys, config(tmp_path), "import", "--guild", str(G),
+                  str(_export(tmp_path, **override)))
+    assert_one_line(rc, err, "export.json: messages[1]: ", needle)
+
+
+# -- a damaged database --------------------------------------------------------------------
+
+def _damage(db: Path, where: str) -> None:
+    """Overwrite the root pages of some tables and their indexes with garbage, as a failing
+    disk would. "data": the tables of members' data (the database opens; queries fail);
+    "migrations": the migrations table (opening it fails)."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    tables = "tbl_name = '_sqlite_migrations'" if where == "migrations" else \
+        "tbl_name NOT IN ('_sqlite_migrations', 'imports')"
+    roots = [r for (r,) in conn.execute(
+        f"SELECT rootpage FROM sqlite_master WHERE rootpage > 1 AND {tables}")]
+    conn.close()
+    with db.open("r+b") as fh:
+        for root in roots:
+            fh.seek((root - 1) * page)
+            fh.write(b"\xa5" * page)
+
+
+@pytest.fixture(params=["data", "migrations"])
+def damaged(request: pytest.FixtureRequest, tmp_path: Path,
+            capsys: pytest.CaptureFixture[str]) -> Iterator[Path]:
+    cfg = config(tmp_path)
+    assert main(["--config", str(cfg), "import", "--guild", str(G),
+                 str(community(tmp_path, 300))]) == 0
+    db = tmp_path / "data" / "guildtune.db"
+    _damage(db, request.param)
+    capsys.readouterr()
+    yield cfg
+
+
+@pytest.mark.parametrize("args", [
+    ("status",), ("status", "--json"), ("export", "--user", "100"),
+    ("export", "--user", "100", "--out", "x.json"), ("forget", "--user", "100"),
+    ("import", "--guild", "8", "OTHER"), ("backup", "BACKUP"),
+])
+def test_a_damaged_database_says_so_and_how_to_restore(
+        damaged: Path, tmp_path: Path, args: tuple[str, ...],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = tuple(str(community(tmp_path, 5, "other.jsonl", text="another file"))
+                 if a == "OTHER" else str(tmp_path / "b.db") if a == "BACKUP" else
+                 str(tmp_path / a) if a.endswith(".json") else a for a in args)
+    rc, err = cli(capsys, damaged, *args)
+    assert_one_line(rc, err, "guildtune.db is damaged", "guildtune restore BACKUP")
+
+
+def test_a_damaged_database_prints_no_traceback(damaged: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "guildtune", "--config", str(damaged),
+                           "status"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is damaged" in proc.stderr and "guildtune restore" in proc.stderr
+
+
+# -- the data directory ----------------------------------------------------------------------
+
+def test_a_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_text("not a directory")
+    for command in (("init",), ("status",), ("import", "--guild", "1",
+                                             str(community(tmp_path)))):
+        rc, err = cli(capsys, config(tmp_path, f), *command)
+        assert_one_line(rc, err, "storage.data_dir", "is a file, not a directory")
+
+
+def test_a_data_dir_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_text("not a directory")
+    rc, err = cli(capsys, config(tmp_path, f / "data"), "init")
+    assert_one_line(rc, err, "storage.data_dir", "cannot be created: Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0500 directory anyway "
+                    "(test_a_data_dir_under_a_file covers an unusable data dir)")
+def test_an_unwritable_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        rc, err = cli(capsys, config(tmp_path, d), "init")
+    finally:
+        d.chmod(0o700)
+    assert_one_line(rc, err, "storage.data_dir", "is not writable")
+
+
+def test_a_data_dir_with_a_nul_character(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text(f'[storage]\ndata_dir = "{tmp_path}/da\\u0000ta"\n')
+    rc, err = cli(capsys, p, "status")
+    assert_one_line(rc, err, "config: storage.data_dir", "NUL character")
+
+
+# -- LoRA target modules ---------------------------------------------------------------------
+
+def test_lora_target_modules_the_model_does_not_have(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, extra='[lora]\nrank = 2\nalpha = 4\ntarget_modules = ["q_proj", '
+                 '"c_attn"]\n[training]\nenabled = true\nmax_steps = 2\nbatch_size = 4\n'
+                 'max_seq_len = 32\n')
+    assert main(["--config", str(cfg), "import", "--guild", str(G), "--learn-from-humans",
+                 str(community(tmp_path, 60))]) == 0
+    capsys.readouterr()
+    rc, err = cli(capsys, cfg, "train", "--guild", str(G), "--force", "--model", "tiny")
+    # cli_train's progress bar draws its line ("guild 7: loading model ━━━ ...") on stderr
+    # before the model is there to check; every other line counts.
+    err = [line for line in err if not line.startswith(f"guild {G}: ")]
+    assert_one_line(rc, err, "lora.target_modules", "c_attn", "q_proj, up_proj")
+    assert "Traceback" not in "\n".join(err)
+
+
+# -- modes of members' data ------------------------------------------------------------------
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_init_creates_the_data_dir_0700(tmp_path: Path, umask_022: None,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "new" / "data"
+    assert main(["--config", str(config(tmp_path, data)), "init"]) == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+def test_export_out_writes_0600(tmp_path: Path, umask_022: None,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path)
+    assert main(["--config", str(cfg), "import", "--guild", str(G),
+                 str(community(tmp_path))]) == 0
+    out = tmp_path / "member.json"
+    out.write_text("{}")
+    out.chmod(0o644)  # an existing file is narrowed too
+    fresh = tmp_path / "fresh.json"
+    for f in (out, fresh):
+        assert main(["--config", str(cfg), "export", "--user", "100", "--out", str(f)]) == 0
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+        assert json.loads(f.read_text())["user_id"] == "100"
