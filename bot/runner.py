@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import discord
 from discord.ext import commands
 
+from guildtune.cli_train import PARENT_PID_ENV
 from guildtune.config import ENV_TOKEN, Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,14 @@ def require_token(cfg: Config) -> str:
 
 
 def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
-    """Start the training worker in its own process (an OOM there never takes the bot down)."""
+    """Start the training worker in its own process (an OOM there never takes the bot down).
+
+    The worker dies with this process, SIGKILL included: it is told this pid
+    (``PARENT_PID_ENV``) and asks the kernel for SIGTERM when its parent goes (Linux), or
+    watches for being reparented; on SIGTERM it gives its run back and exits. Linux sends that
+    signal when the spawning *thread* exits: call this from a thread that lives as long as the
+    bot (``serve`` calls it on the event loop's thread), not from ``asyncio.to_thread``.
+    """
     if not cfg.training.enabled:
         return None
     cmd = [sys.executable, "-m", "guildtune"]
@@ -72,15 +81,56 @@ def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
     log.info("starting training worker: %s", " ".join(cmd))
     # The worker never talks to Discord: it does not get the token.
     env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
+    env[PARENT_PID_ENV] = str(os.getpid())
     return subprocess.Popen(cmd, env=env)
 
 
+async def stop_worker(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    """SIGTERM the worker (it gives its run back), wait for it, SIGKILL it past ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    log.info("stopping the training worker (pid %s)", proc.pid)
+    proc.terminate()
+    try:
+        await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("the training worker (pid %s) did not stop within %.0f s: killing it",
+                    proc.pid, timeout)
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
+    log.info("training worker stopped (exit code %s)", proc.returncode)
+
+
 async def serve(cfg: Config, *, worker: bool = True) -> None:
-    """Run the bot until it is closed (Ctrl+C)."""
+    """Run the bot until it is closed (Ctrl+C, or SIGTERM: logged, then the bot closes, which
+    unloads the Cog and closes the store, and the worker is stopped)."""
     token = require_token(cfg)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    bot: GuildTuneBot | None = None
+    closing: set[asyncio.Task[None]] = set()
+
+    def on_sigterm() -> None:
+        if stopping.is_set():
+            return
+        log.warning("SIGTERM: shutting down (closing the bot and the store, stopping the "
+                    "training worker)")
+        stopping.set()
+        if bot is not None:
+            task = loop.create_task(bot.close())
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        handled = True
+    except (NotImplementedError, RuntimeError):  # not Unix, or not the main thread
+        handled = False
     proc = spawn_worker(cfg) if worker else None
     try:
         async with GuildTuneBot(cfg) as bot:
+            if stopping.is_set():
+                return
             try:
                 await bot.start(token)
             except discord.LoginFailure:
@@ -91,13 +141,14 @@ async def serve(cfg: Config, *, worker: bool = True) -> None:
                 raise ConfigError("the Message Content intent is not enabled for this bot: turn "
                                   "it on in the Developer Portal, Bot tab, Privileged Gateway "
                                   "Intents") from None
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        await stop_worker(proc)
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)
+        if stopping.is_set():
+            log.info("shut down")
 
 
 async def sync_commands(cfg: Config, guild_id: int | None = None) -> list[str]:

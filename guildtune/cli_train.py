@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import threading
+import os
+import sys
 from typing import Any
 
 from guildtune.config import Config
 
 log = logging.getLogger(__name__)
+
+# Set by the process that spawns a worker (``guildtune run``) to its own pid: the worker stops
+# when that process dies, however it dies.
+PARENT_PID_ENV = "GUILDTUNE_WORKER_PARENT_PID"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -103,31 +108,41 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if res.status == "succeeded" else 2
 
 
+def _parent_pid() -> int | None:
+    """The pid of the process that spawned this worker (``bot.runner.spawn_worker`` sets
+    ``PARENT_PID_ENV``): the worker stops when it dies."""
+    value = os.environ.get(PARENT_PID_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
 def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
-    """Run the worker loop (and, unless --once, the schedule) until interrupted."""
+    """Run the worker loop (and, unless --once, the schedule) until SIGTERM/SIGINT, or until
+    the process that spawned it dies. With --once: 1 when any run it handled failed."""
     from trainer.schedule import make_scheduler
-    from trainer.worker import run_worker
+    from trainer.worker import run_worker_process
 
     if not cfg.training.enabled:
         log.warning("training.enabled = false: queued runs will fail at once")
-    stop = threading.Event()
     store = _store(cfg)
     scheduler = None
     try:
         if not args.once:
+            # Also applies privacy.retention_days, whatever the training switch says.
             scheduler = make_scheduler(store, cfg, asyncio=False, background=True)
             scheduler.start()
-        n = run_worker(cfg, once=args.once, stop=stop, store=store)
-    except KeyboardInterrupt:
-        stop.set()
-        n = -1
+        report = run_worker_process(cfg, once=args.once, store=store, parent_pid=_parent_pid())
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
         store.close()
-    if args.once:
-        print(f"handled {n} run(s)")
-    return 0
+    if not args.once:
+        return 0  # a long-running worker logged each failure as it happened
+    for r in report.failed:
+        print(f"run {r.run_id} (guild {r.guild_id}) {r.status}: {r.error or 'no error recorded'}",
+              file=sys.stderr)
+    print(f"handled {len(report.runs)} run(s)"
+          + (f", {len(report.failed)} failed" if report.failed else ""))
+    return 1 if report.failed else 0
 
 
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:

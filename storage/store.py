@@ -934,8 +934,16 @@ class Store:
                 [user_id, *gp])]
         return out
 
-    @_writes
     def purge_older_than(self, days: int, now: datetime | None = None) -> dict[str, int]:
+        """Retention: delete interactions and messages created more than ``days`` ago (0 keeps
+        all), then truncate the WAL so the deleted text does not stay in it."""
+        out = self._purge_older_than(days, now)
+        if any(out.values()):
+            self.checkpoint()
+        return out
+
+    @_writes
+    def _purge_older_than(self, days: int, now: datetime | None = None) -> dict[str, int]:
         """Retention: delete interactions and messages created more than ``days`` ago (0 keeps
         all).
 

@@ -325,3 +325,13 @@ def test_retrain_after_a_forget_replaces_the_tainted_version(pirate) -> None:
     active = store.active_version(1)
     assert active.version == 2 and active.tainted_utc is None
     assert member not in store.contributors(1, 2)
+
+
+def test_the_consent_text_promises_what_the_config_does() -> None:
+    from bot.handlers import consent_statement
+
+    strict = consent_statement("S", parse_config({}))
+    assert "replies to other opted-in members" in strict and "at once" in strict
+    lax = consent_statement("S", parse_config({"training": {"strict_forget": False}}))
+    assert "at once" not in lax and "next training run ends" in lax
+    assert "365 days" in strict

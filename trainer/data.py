@@ -13,7 +13,14 @@ the target. Sources:
 Whose example is it? The requester (liked/disliked bot replies), the correction's author, the
 human reply's author - and every member who rated it, because a rating steers the model as much
 as writing does. ``max_user_share`` caps each of them: one member liking hundreds of replies
-cannot fill the dataset. A rating counts against the share only when the example depends on
+cannot fill the dataset. The share is counted twice, and both must hold: in examples, and in
+what the loss actually sees of them, the supervised (target) tokens times the example's weight
+(``supervised_mass``). Counting examples alone let one member with long messages hold 18% of the
+examples but 81% of the supervised tokens, and corrections (weight ``correction_weight``) count
+double per example. The mass share has a slack of one ordinary example (twice the median one),
+the mass analogue of the count's ``max(1, floor(...))``: a small community can train at all, and
+four members who each hold a quarter need not be exactly equal to the token, while one essay or
+one heavy correction still cannot take a small dataset over. A rating counts against the share only when the example depends on
 it: a reply liked by its requester and by a fan who likes everything stays in (the fan's vote is
 set aside), so a fan cannot shrink the dataset either. ``contributors`` is wider: everyone whose text or rating is in an
 example, so that forgetting any of them taints the version.
@@ -39,8 +46,8 @@ import hashlib
 import json
 import logging
 import math
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
 RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
+CHARS_PER_TOKEN = 3  # the estimate's rate; BPE tokenizers give ~3-4 characters a token on chat
 
 
 @dataclass(frozen=True)
@@ -233,8 +241,27 @@ def dedupe(examples: Iterable[Example]) -> list[Example]:
     return [ex for k, ex in seen.items() if k not in conflicted]
 
 
-def _counted(ex: Example, counts: Counter[int], limit: int) -> set[int] | None:
+def estimate_tokens(text: str) -> int:
+    """A deterministic stand-in for the tokenizer's count of a target: one token per
+    ``CHARS_PER_TOKEN`` characters, at least 1 (the end-of-turn token is always supervised)."""
+    return max(1, -(-len(text) // CHARS_PER_TOKEN))
+
+
+def supervised_mass(ex: Example, count_tokens: Callable[[str], int] = estimate_tokens,
+                    max_len: int | None = None) -> float:
+    """What the loss sees of ``ex``: its target's tokens (at most ``max_len``, what
+    ``trainer.fit.encode`` keeps of a target at most) times its weight. The cross entropy is a
+    weighted mean over supervised tokens, so this is the example's pull on the gradient.
+    A disliked reply counts the same way for the preference term that scores it."""
+    tokens = max(1, int(count_tokens(ex.messages[-1][1])))
+    if max_len is not None:
+        tokens = min(tokens, max_len)
+    return tokens * ex.weight
+
+
+def _counted(ex: Example, fits: Callable[[int], bool]) -> set[int] | None:
     """The keys ``ex`` counts against if it is selected now, or None when it cannot be.
+    ``fits(key)`` says whether the key has room for ``ex`` under both limits.
 
     A rater at their limit is set aside rather than dropping the example when the example does
     not depend on them: its net rating keeps its sign even if every set-aside rating were
@@ -243,10 +270,10 @@ def _counted(ex: Example, counts: Counter[int], limit: int) -> set[int] | None:
     a single example (a denial of training by a fan or a ring).
     """
     keys = ex.cap_keys
-    if all(counts[k] < limit for k in keys):
+    if all(fits(k) for k in keys):
         return keys
-    drop = {u for u in ex.raters if u != ex.owner and counts[u] >= limit}
-    if counts[RATING_ONLY_GROUP] >= limit:
+    drop = {u for u in ex.raters if u != ex.owner and not fits(u)}
+    if not fits(RATING_ONLY_GROUP):
         drop |= ex.newcomers - {ex.owner}
     margin = (ex.score if ex.kind == "liked" else -ex.score) - len(drop)
     if not drop or margin <= 0 or ex.kind not in ("liked", "disliked"):
@@ -254,35 +281,92 @@ def _counted(ex: Example, counts: Counter[int], limit: int) -> set[int] | None:
     rest = ex.steerers - drop
     if ex.newcomers - drop:
         rest.add(RATING_ONLY_GROUP)
-    return rest if all(counts[k] < limit for k in rest) else None
+    return rest if all(fits(k) for k in rest) else None
 
 
-def cap_user_share(examples: list[Example], share: float, budget: int) -> list[Example]:
-    """Newest-first selection of at most ``budget`` examples in which no member steers (owns or
-    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples; rating-only
-    members count together as one (``Example.cap_keys``).
+class _Tally:
+    """Per cap key: the examples and the supervised mass counted against it, and the limits:
+    fewer than ``max_examples`` examples, at most ``max_mass + slack`` mass."""
 
-    The limit depends on the final size, which depends on the limit; iterate until the selection
-    fits its own limit (the size only shrinks, so this ends).
-    """
-    ordered = sorted(examples, key=lambda e: e.created_utc, reverse=True)
-    target = min(budget, len(ordered))
+    def __init__(self, max_examples: int, max_mass: float, slack: float) -> None:
+        self.max_examples, self.max_mass, self.slack = max_examples, max_mass, slack
+        self.n: Counter[int] = Counter()
+        self.mass: defaultdict[int, float] = defaultdict(float)
+
+    def fits(self, key: int, mass: float) -> bool:
+        return (self.n[key] < self.max_examples
+                and self.mass.get(key, 0.0) + mass <= self.max_mass + self.slack)
+
+    def add(self, keys: set[int], mass: float) -> None:
+        for k in keys:
+            self.n[k] += 1
+            self.mass[k] += mass
+
+    def holds(self, share: float, n: int, total: float) -> bool:
+        """Does the selection (``n`` examples, ``total`` mass) fit its own limits?"""
+        return ((self.max_examples == 10**9 or max(self.n.values(), default=0) <= max(1, math.floor(share * n)))
+                and all(m <= share * total + self.slack for m in self.mass.values()))
+
+
+_SLOW_ROUNDS = 32  # after this many rounds the mass target shrinks by at least 10% a round
+
+
+def _fixpoint(ordered: list[Example], weights: list[float], share: float, budget: int,
+              slack: float) -> tuple[list[int], _Tally, float]:
+    """Indices (into ``ordered``, newest first) of the largest greedy selection that fits its
+    own limits, its tally and its total mass. The limits depend on the final selection, which
+    depends on the limits: start from upper bounds and tighten until the selection fits."""
+    n_target = min(budget, len(ordered))
+    by_mass = sorted(weights)
+    m_target = sum(by_mass[len(by_mass) - n_target:])  # no selection can weigh more
+    rounds = 0
     while True:
-        limit = max(1, math.floor(share * target))
-        counts: Counter[int] = Counter()
-        chosen: list[Example] = []
-        for ex in ordered:
-            if len(chosen) >= target:
+        rounds += 1
+        tally = _Tally(max(1, math.floor(share * n_target)) if slack == math.inf else 10**9, share * m_target, slack)
+        chosen: list[int] = []
+        total = 0.0
+        for i, (ex, m) in enumerate(zip(ordered, weights)):
+            if len(chosen) >= n_target:
                 break
-            who = _counted(ex, counts, limit)
+            who = _counted(ex, lambda k, m=m: tally.fits(k, m))
             if who is None:
                 continue
-            counts.update(who)
-            chosen.append(ex)
-        if not chosen or max(counts.values(), default=0) <= max(1, math.floor(
-                share * len(chosen))):
-            return chosen
-        target = len(chosen)  # too small for its own limit: tighten (strictly shrinks)
+            tally.add(who, m)
+            chosen.append(i)
+            total += m
+        if not chosen or tally.holds(share, len(chosen), total):
+            return chosen, tally, total
+        # A broken limit means the selection is smaller than its target in that unit, so a
+        # target strictly shrinks and this ends.
+        n_target = min(n_target, len(chosen))
+        m_target = min(m_target, total)
+        if rounds > _SLOW_ROUNDS:  # a guard: bounded rounds, the limits hold either way
+            m_target *= 0.9
+
+
+def _select(examples: list[Example], share: float, budget: int,
+            mass: Callable[[Example], float]) -> tuple[list[Example], _Tally, float]:
+    """``cap_user_share`` with the tally and the total mass of the selection it returns."""
+    ordered = sorted(examples, key=lambda e: e.created_utc, reverse=True)
+    weights = [mass(e) for e in ordered]
+    # The slack is one ordinary example: twice the median of the selection the example count
+    # alone allows (one member cannot move that median by flooding: they hold <= share of it).
+    base, _, _ = _fixpoint(ordered, [0.0] * len(ordered), share, budget, math.inf)
+    base_mass = sorted(weights[i] for i in base)
+    slack = 2 * base_mass[len(base_mass) // 2] if base_mass else 0.0
+    chosen, tally, total = _fixpoint(ordered, weights, share, budget, slack)
+    return [ordered[i] for i in chosen], tally, total
+
+
+def cap_user_share(examples: list[Example], share: float, budget: int,
+                   mass: Callable[[Example], float] = supervised_mass) -> list[Example]:
+    """Newest-first selection of at most ``budget`` examples in which no member steers (owns or
+    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples, nor more than
+    ``share`` of their total ``mass`` (weighted supervised tokens) plus one ordinary example
+    (twice the median example); rating-only members count together as one
+    (``Example.cap_keys``).
+    """
+    return _select(examples, share, budget, mass)[0]
 
 
 def fingerprint(examples: Iterable[Example]) -> str:
@@ -294,9 +378,14 @@ def fingerprint(examples: Iterable[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
+def build_dataset(store: Any, guild_id: int, cfg: Any, *,
+                  count_tokens: Callable[[str], int] | None = None) -> Dataset:
     """Every training example of a guild from the store: consented data only, scrubbed,
-    deduplicated, capped per member, newest first within ``training.max_examples``, split."""
+    deduplicated, capped per member, newest first within ``training.max_examples``, split.
+
+    ``count_tokens`` counts a target's tokens for the share cap; without it the count is
+    ``estimate_tokens`` (a caller holding the tokenizer can pass the exact count).
+    """
     t = cfg.training
     system = system_prompt(store, guild_id, cfg.model.system_prompt)
     raw = examples_from_interactions(store.rated_interactions(guild_id), system,
@@ -305,7 +394,9 @@ def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
         raw += examples_from_pairs(store.reply_pairs(guild_id), system)
     raw.sort(key=lambda e: e.created_utc, reverse=True)
     unique = dedupe(raw)
-    kept = cap_user_share(unique, cfg.privacy.max_user_share, t.max_examples)
+    count = count_tokens or estimate_tokens
+    kept, tally, mass = _select(unique, cfg.privacy.max_user_share, t.max_examples,
+                                lambda e: supervised_mass(e, count, t.max_seq_len))
     train, heldout, negatives = [], [], []
     for ex in kept:
         if not ex.desirable:
@@ -324,7 +415,12 @@ def build_dataset(store: Any, guild_id: int, cfg: Any) -> Dataset:
              "capped_out": len(unique) - len(kept),
              "rating_only": sum(e.rating_only for e in kept),
              **{f"n_{k}": v for k, v in by_kind.items()},
-             "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives)}
+             "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives),
+             # Weighted supervised tokens (estimated unless a tokenizer counted them) and the
+             # largest share of them one member (or the rating-only slice) steers.
+             "supervised_mass": round(mass, 1), "tokens_estimated": count_tokens is None,
+             "max_member_mass_share": round(max(tally.mass.values(), default=0.0) / mass, 3)
+             if mass else 0.0}
     log.info("guild %s dataset: %s", guild_id, stats)
     return Dataset(guild_id, train, heldout, negatives,
                    fingerprint([*train, *heldout, *negatives]), dict(contributors), stats)

@@ -5,7 +5,9 @@ One cron job per guild with training enabled (the guild's own schedule, else
 ``training.min_new_examples`` new examples arrived since the active version was activated. A
 sync job re-reads guild settings every few minutes and adds, moves or drops the cron jobs.
 The store deduplicates: one queued or running run per guild. A daily job (and one a minute after start)
-applies the retention period, ``privacy.retention_days``.
+applies the retention period, ``privacy.retention_days``: it is registered whatever the
+training switch says (the bot's scheduler starts with training off too); the training jobs
+only when ``training.enabled``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def sync_jobs(scheduler: Any, store: Store, cfg: Config) -> None:
 
 def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
                    background: bool = False) -> Any:
-    """An APScheduler 3 scheduler with the per-guild jobs, not yet started.
+    """An APScheduler 3 scheduler, not yet started: the retention job always (unless
+    ``retention_days`` is 0), the per-guild training jobs and their sync only when the
+    operator enabled training.
 
     ``asyncio=True``: an AsyncIOScheduler; start it inside the running loop (the bot's
     ``cog_load``) and ``shutdown()`` it in ``cog_unload``. Its plain-function jobs run in a thread
@@ -118,10 +122,11 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
     else:
         from apscheduler.schedulers.blocking import BlockingScheduler
         scheduler = BlockingScheduler(**opts)
-    sync_jobs(scheduler, store, cfg)
-    scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
-                      args=(scheduler, store, cfg), id="guildtune-sync", replace_existing=True,
-                      name="sync guild training schedules")
+    if cfg.training.enabled:
+        sync_jobs(scheduler, store, cfg)
+        scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
+                          args=(scheduler, store, cfg), id="guildtune-sync",
+                          replace_existing=True, name="sync guild training schedules")
     if cfg.privacy.retention_days > 0:
         from datetime import UTC, datetime, timedelta
 

@@ -6,19 +6,29 @@ memory. The parent holds the run's lease and renews it with a heartbeat that als
 child's progress on the run row. If the worker itself is killed, its child notices that its
 parent is gone and exits before publishing; the lease expires and ``recover_stale_runs`` (at
 start, and periodically, in any worker) fails the run and requeues it once.
+
+Stopping: ``run_worker_process`` (the ``guildtune worker`` process) turns SIGTERM and SIGINT into
+a graceful stop: the training child is ended, the run it held is given back (closed as failed
+and queued again), and the process exits. A worker started by the bot also stops when the bot
+dies, SIGKILL included (``watch_parent``: Linux's parent-death signal, or a reparenting check).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .pipeline import OPERATOR_DISABLED, TrainingError
@@ -31,10 +41,92 @@ log = logging.getLogger(__name__)
 
 RECOVER_EVERY_S = 30.0
 STALE_TEMP_DIR_S = 600.0
+CHILD_TERM_GRACE_S = 10.0  # a training child asked to stop is killed after this
+STOP_GRACE_S = 60.0  # a worker asked to stop exits after this even if the run loop hangs
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# -- dying with the parent ------------------------------------------------------------------------
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when the thread that started it exits (the
+    parent dying, SIGKILL included). False where ``prctl`` is not available (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        ok = libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if not ok:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    return ok
+
+
+def watch_parent(parent_pid: int, *, poll_s: float = 0.5) -> None:
+    """Make this process receive SIGTERM when ``parent_pid``, the process that spawned it, dies
+    however it dies (a ``finally`` in the parent does not run on SIGKILL).
+
+    On Linux the kernel sends it (parent-death signal); the parent may have died before that
+    was set, so the parent pid is checked once after. Elsewhere a daemon thread watches for
+    this process being reparented. The SIGTERM handler (``run_worker_process``) does the rest.
+    """
+    def gone() -> None:
+        log.warning("the process that started this worker (pid %s) is gone: stopping",
+                    parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if set_parent_death_signal(signal.SIGTERM):
+        if os.getppid() != parent_pid:
+            gone()
+        return
+
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        gone()
+
+    threading.Thread(target=poll, name="guildtune-parent-watch", daemon=True).start()
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one claimed run ended in this worker. ``status``: succeeded, rejected, failed,
+    lost (the lease went to another worker) or released (the worker was stopped; the run
+    was queued again)."""
+
+    run_id: int
+    guild_id: int
+    status: str
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("failed", "lost")
+
+
+class WorkerReport(int):
+    """What ``run_worker`` did. It is the number of runs handled (what ``run_worker`` used to
+    return, so ``report == 1`` still reads), and ``runs`` lists each run's outcome."""
+
+    runs: tuple[RunOutcome, ...]
+
+    def __new__(cls, runs: Sequence[RunOutcome] = ()) -> WorkerReport:
+        obj = super().__new__(cls, len(runs))
+        obj.runs = tuple(runs)
+        return obj
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        """The runs that failed (or were lost): a caller that exits 0 on these would lie."""
+        return [r for r in self.runs if r.failed]
+
+    def __repr__(self) -> str:
+        return f"WorkerReport({list(self.runs)!r})"
 
 
 class Heartbeat(threading.Thread):
@@ -96,6 +188,9 @@ def _watch_parent(parent_pid: int) -> None:
 def _child_main(cfg: Config, run_id: int, guild_id: int, force: bool, worker: str,
                 parent_pid: int, out: Any, model_name: str | None) -> None:
     """Entry point of the training child: train one run, report through ``out``."""
+    # Killed with the worker (nothing to give back: the worker holds the lease), at once where
+    # the kernel can do it, else within the watcher's poll.
+    set_parent_death_signal(signal.SIGKILL)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -150,13 +245,28 @@ def _death_reason(exitcode: int | None) -> str:
     return f"training process died (exit code {exitcode}); see the worker log"
 
 
+def _release(store: Store, run: Run, worker: str, why: str) -> None:
+    """Give a claimed run back when the worker stops before it finished: closed as failed
+    (saying why) and queued again with the same attempt number (a stopped worker is not the
+    run's fault), so no run stays 'running' until its lease runs out."""
+    if not store.finish_run(run.id, "failed", error=why, worker=worker):
+        return  # the lease had already gone to another worker
+    new_id, _ = store.enqueue_run(run.guild_id, run.trigger, run.requested_by, run.force,
+                                  attempt=run.attempt)
+    log.warning("run %s (guild %s): %s; queued again as run %s", run.id, run.guild_id, why,
+                new_id)
+
+
 def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
-                model_name: str | None = None, isolate: bool = True) -> str:
+                model_name: str | None = None, isolate: bool = True,
+                stop: threading.Event | None = None) -> str:
     """Train a claimed run and close it. Returns the final status.
 
     ``isolate`` (the default) trains in a child process, so an out-of-memory or a crash never
     takes the caller down and GPU memory is returned after each run; ``isolate=False`` trains in
     this process (the one-process demo, where the model libraries are already imported).
+    When ``stop`` is set during an isolated run, the child is ended and the run is given back
+    (``_release``): the status is then 'released'.
     """
     if not cfg.training.enabled:
         store.finish_run(run.id, "failed", error=OPERATOR_DISABLED, worker=worker)
@@ -181,12 +291,18 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
     child.start()
     log.info("run %s (guild %s): training in child pid %s", run.id, run.guild_id, child.pid)
     outcome: tuple[str, Any] | None = None
+    kill_at: float | None = None  # set once the child was asked to stop
     try:
         while outcome is None:
             if beat.lost.is_set():
                 child.terminate()
                 child.join(10)
                 return "lost"
+            if kill_at is None and stop is not None and stop.is_set():
+                log.warning("run %s (guild %s): worker stopping; ending training child %s",
+                            run.id, run.guild_id, child.pid)
+                child.terminate()
+                kill_at = time.monotonic() + CHILD_TERM_GRACE_S
             try:
                 kind, payload = out.get(timeout=0.5)
             except queue_mod.Empty:
@@ -198,6 +314,8 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
                         outcome = ("error", _death_reason(child.exitcode))
                         break
                 else:
+                    if kill_at is not None and time.monotonic() > kill_at:
+                        child.kill()
                     continue
             if kind == "progress":
                 beat.update(payload)
@@ -210,6 +328,11 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
         beat.stop()
         out.close()
     kind, payload = outcome
+    if kind != "result" and stop is not None and stop.is_set():
+        # Ended because the worker is stopping (SIGTERM, Ctrl+C reaching the child too, the
+        # bot gone): not the run's failure. A result that made it out is still recorded.
+        _release(store, run, worker, f"worker {worker} stopped before the run finished")
+        return "released"
     if kind == "result":
         status = payload["status"]
         store.finish_run(run.id, status, metrics=payload["metrics"], version=payload["version"],
@@ -289,9 +412,10 @@ def _clean_stale_temp_dirs(cfg: Config) -> None:
 
 def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
                stop: threading.Event | None = None, model_name: str | None = None,
-               store: Store | None = None, isolate: bool = True) -> int:
+               store: Store | None = None, isolate: bool = True) -> WorkerReport:
     """Claim and train queued runs one after another until ``stop`` is set (or, with ``once``,
-    until the queue is empty). Returns the number of runs handled."""
+    until the queue is empty). Returns a ``WorkerReport``: the number of runs handled, with
+    each run's outcome (``report.failed`` lists the failures)."""
     from storage import open_store
 
     worker = worker_id or default_worker_id()
@@ -299,7 +423,7 @@ def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
     own = store is None
     store = store or open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
                                 write_retries=cfg.storage.write_retries)
-    handled = 0
+    outcomes: list[RunOutcome] = []
     try:
         _clean_stale_temp_dirs(cfg)
         last_recover = 0.0
@@ -311,8 +435,13 @@ def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
                 last_recover = time.monotonic()
             run = store.claim_run(worker, cfg.training.lease_seconds)
             if run is not None:
-                execute_run(store, cfg, run, worker, model_name=model_name, isolate=isolate)
-                handled += 1
+                status = execute_run(store, cfg, run, worker, model_name=model_name,
+                                     isolate=isolate, stop=stop)
+                done = store.get_run(run.id)
+                error = None if status == "succeeded" or done is None else done.error
+                if status == "lost":
+                    error = "the run's lease was lost to another worker"
+                outcomes.append(RunOutcome(run.id, run.guild_id, status, error))
                 continue
             if once:
                 break
@@ -320,7 +449,57 @@ def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
     finally:
         if own:
             store.close()
-    return handled
+    return WorkerReport(outcomes)
+
+
+def run_worker_process(cfg: Config, *, once: bool = False, store: Store | None = None,
+                       parent_pid: int | None = None) -> WorkerReport:
+    """The main of a worker process (``guildtune worker``): ``run_worker`` in a thread, with
+    SIGTERM and SIGINT turned into a graceful stop (the run in progress is given back, see
+    ``execute_run``), and, with ``parent_pid``, a stop when that process dies (``watch_parent``).
+    Call it from the main thread."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # Only sets an Event: the main thread below never holds its lock (it only joins).
+        log.warning("%s: stopping the worker (the run in progress is given back)",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    # Handlers can only be installed from the main thread (elsewhere: the caller's stop rules).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+                if main_thread}
+    try:
+        if parent_pid is not None:
+            watch_parent(parent_pid)
+        log.info("worker pid %s ready%s", os.getpid(),
+                 f" (stops when pid {parent_pid} ends)" if parent_pid is not None else "")
+        result: dict[str, Any] = {}
+
+        def main() -> None:
+            try:
+                result["report"] = run_worker(cfg, once=once, stop=stop, store=store)
+            except BaseException as exc:  # re-raised in the main thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=main, name="guildtune-worker")
+        thread.start()
+        deadline: float | None = None
+        while thread.is_alive():
+            thread.join(1.0)
+            if stop.is_set():
+                deadline = deadline or time.monotonic() + STOP_GRACE_S
+                if time.monotonic() > deadline:
+                    log.error("the worker did not stop within %.0f s: exiting now",
+                              STOP_GRACE_S)
+                    os._exit(1)
+        if "error" in result:
+            raise result["error"]
+        return result["report"]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def worker_process_main(config_path: str | None = None) -> None:  # pragma: no cover - manual use
@@ -328,10 +507,8 @@ def worker_process_main(config_path: str | None = None) -> None:  # pragma: no c
     from guildtune.config import load_config
 
     logging.basicConfig(level=logging.INFO)
-    run_worker(load_config(config_path))
+    run_worker_process(load_config(config_path))
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
     worker_process_main(sys.argv[1] if len(sys.argv) > 1 else None)
