@@ -235,3 +235,21 @@ def m004_imports(db: Database) -> None:
         );
         """
     )
+
+
+@migrations()
+def m005_forgotten(db: Database) -> None:
+    """Who asked to be forgotten, as a one-way key, so that an import of old history cannot
+    bring them back. ``user_key`` is sha256 of ``"<guild_id>:<user_id>"`` (guild_id 0: a forget
+    in every guild); it holds no text. Opting in again in the guild removes the key."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE forgotten (
+            guild_id INTEGER NOT NULL,
+            user_key TEXT NOT NULL,
+            forgotten_utc TEXT NOT NULL,
+            PRIMARY KEY (guild_id, user_key)
+        );
+        """
+    )

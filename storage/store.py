@@ -10,6 +10,7 @@ database stays locked past the busy timeout, the write is retried, then ``StoreB
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -121,6 +122,11 @@ def cut_quotes(text: str, grams: set[tuple[str, ...]], n: int = QUOTE_MIN_WORDS)
         i = j + 1
     out.append(text[pos:])
     return "".join(out)
+
+
+def forgotten_key(guild_id: int, user_id: int) -> str:
+    """The one-way key a forget leaves behind (``forgotten`` table); guild 0 = every guild."""
+    return hashlib.sha256(f"{int(guild_id)}:{int(user_id)}".encode()).hexdigest()
 
 
 def _name_pattern(user_id: int, names: Iterable[str]) -> re.Pattern[str]:
@@ -413,6 +419,9 @@ class Store:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
             "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
+        # Their own new choice: an earlier forget no longer keeps their imported history out.
+        self.db.execute("DELETE FROM forgotten WHERE guild_id IN (?, 0) AND user_key IN (?, ?)",
+                        [guild_id, forgotten_key(guild_id, user_id), forgotten_key(0, user_id)])
         return cur.rowcount == 1
 
     def revoke_consent(self, guild_id: int, user_id: int, *, strict: bool = True) -> bool:
@@ -628,7 +637,13 @@ class Store:
         cur = self.db.conn.cursor()
         authors: set[int] = set()
         n = 0
+        gone = self._forgotten(guild_id, {row[3] for row in batch})
+        if gone:
+            log.info("import into guild %s: skipped the messages of %d member(s) who asked to "
+                     "be forgotten", guild_id, len(gone))
         for row in batch:
+            if row[3] in gone:
+                continue  # they asked to be forgotten: old history does not bring them back
             cur.execute(
                 "INSERT OR IGNORE INTO messages (guild_id, message_id, channel_id, user_id, "
                 "text, reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -646,6 +661,18 @@ class Store:
                 [guild_id, str(source["sha256"]), str(source.get("file_name", "")), len(batch),
                  n, now])
         return n
+
+    def _forgotten(self, guild_id: int, users: Iterable[int]) -> set[int]:
+        """Which of ``users`` asked to be forgotten in the guild (or everywhere)."""
+        keys = {forgotten_key(g, u): u for u in users for g in (guild_id, 0)}
+        found: set[int] = set()
+        items = list(keys)
+        for i in range(0, len(items), 500):
+            chunk = items[i:i + 500]
+            found |= {keys[k] for (k,) in self.db.execute(
+                f"SELECT user_key FROM forgotten WHERE guild_id IN (?, 0) AND user_key IN "
+                f"({','.join('?' * len(chunk))})", [guild_id, *chunk])}
+        return found
 
     def import_record(self, guild_id: int, sha256: str) -> dict[str, Any] | None:
         """The ``imports`` row of a source file already imported into the guild, else None."""
@@ -813,6 +840,9 @@ class Store:
         report.deleted["texts_scrubbed"] = scrubbed
         self.db.execute("UPDATE training_runs SET requested_by = NULL WHERE requested_by = ?"
                         + where_g, [user_id, *gp])
+        g_key = 0 if guild_id is None else guild_id
+        self.db.execute("INSERT OR REPLACE INTO forgotten (guild_id, user_key, forgotten_utc) "
+                        "VALUES (?, ?, ?)", [g_key, forgotten_key(g_key, user_id), utc_now()])
         self._withdraw(user_id, guilds, strict, report, tainted_already=True)
         return report
 

@@ -335,3 +335,21 @@ def test_the_consent_text_promises_what_the_config_does() -> None:
     lax = consent_statement("S", parse_config({"training": {"strict_forget": False}}))
     assert "at once" not in lax and "next training run ends" in lax
     assert "365 days" in strict
+
+
+def test_an_import_of_old_history_does_not_bring_a_forgotten_member_back(store: Store) -> None:
+    rows = [{"message_id": i, "user_id": ALICE if i % 2 else BOB, "text": f"old message {i}",
+             "created_utc": utc_now()} for i in range(1, 7)]
+    assert store.import_messages(G, rows[:2]) == 2
+    store.forget_user(ALICE, G)
+    # The operator imports an updated log that still holds her old messages.
+    assert store.import_messages(G, rows) == 2  # Bob's two new ones; all of hers skipped
+    assert store.db.execute("SELECT count(*) FROM messages WHERE user_id = ?",
+                            [ALICE]).fetchone()[0] == 0
+    assert not store.has_consent(G, ALICE)
+    assert str(ALICE) not in json.dumps(store.db.execute("SELECT * FROM forgotten").fetchall())
+    # A forget everywhere keeps her out of every guild; her own new opt-in lifts it there.
+    store.forget_user(ALICE)
+    assert store.import_messages(H, rows[:1]) == 0
+    store.grant_consent(H, ALICE)
+    assert store.import_messages(H, rows[:1]) == 1
