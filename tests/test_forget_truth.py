@@ -338,6 +338,7 @@ def test_the_consent_text_promises_what_the_config_does() -> None:
 
 
 def test_an_import_of_old_history_does_not_bring_a_forgotten_member_back(store: Store) -> None:
+    ALICE = 900_000_000_000_000_011  # noqa: N806 - a real-sized id, to search the table for
     rows = [{"message_id": i, "user_id": ALICE if i % 2 else BOB, "text": f"old message {i}",
              "created_utc": utc_now()} for i in range(1, 7)]
     assert store.import_messages(G, rows[:2]) == 2
