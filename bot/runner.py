@@ -141,8 +141,12 @@ async def serve(cfg: Config, *, worker: bool = True) -> None:
                 raise ConfigError("the Message Content intent is not enabled for this bot: turn "
                                   "it on in the Developer Portal, Bot tab, Privileged Gateway "
                                   "Intents") from None
-        if closing:
-            await asyncio.gather(*closing, return_exceptions=True)
+            if closing:
+                await asyncio.gather(*closing, return_exceptions=True)
+            if stopping.is_set():
+                # Again: an extension that finished loading after the first close (SIGTERM
+                # during start-up) is unloaded too, so its Cog closes the store.
+                await bot.close()
     finally:
         await stop_worker(proc)
         if handled:

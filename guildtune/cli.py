@@ -80,7 +80,8 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """Per guild: consented users, interactions, ratings, active version, queued runs; a
     tainted active version is marked, with what will replace it (``active_tainted``)."""
-    from bot.handlers import StatusReport  # no discord, no torch: the same words as /tune status
+    # No discord, no torch in it; the same words as /tune status.
+    from bot.handlers import StatusReport
 
     store = _store(cfg)
     try:

@@ -13,17 +13,20 @@ the target. Sources:
 Whose example is it? The requester (liked/disliked bot replies), the correction's author, the
 human reply's author - and every member who rated it, because a rating steers the model as much
 as writing does. ``max_user_share`` caps each of them: one member liking hundreds of replies
-cannot fill the dataset. The share is counted twice, and both must hold: in examples, and in
-what the loss actually sees of them, the supervised (target) tokens times the example's weight
-(``supervised_mass``). Counting examples alone let one member with long messages hold 18% of the
-examples but 81% of the supervised tokens, and corrections (weight ``correction_weight``) count
-double per example. The mass share has a slack of one ordinary example (twice the median one),
-the mass analogue of the count's ``max(1, floor(...))``: a small community can train at all, and
-four members who each hold a quarter need not be exactly equal to the token, while one essay or
-one heavy correction still cannot take a small dataset over. A rating counts against the share only when the example depends on
+cannot fill the dataset. A rating counts against the share only when the example depends on
 it: a reply liked by its requester and by a fan who likes everything stays in (the fan's vote is
-set aside), so a fan cannot shrink the dataset either. ``contributors`` is wider: everyone whose text or rating is in an
-example, so that forgetting any of them taints the version.
+set aside), so a fan cannot shrink the dataset either. ``contributors`` is wider: everyone whose
+text or rating is in an example, so that forgetting any of them taints the version.
+
+What the share counts. The loss is a weighted mean over supervised tokens, so the share is
+counted in what the loss sees: target tokens times the example's weight (``supervised_mass``).
+Counting examples alone let one member with long messages hold 18% of the examples but 81% of
+the supervised tokens, and corrections (``correction_weight``) weigh double per example. The
+example count stays capped too (as before), except for a member who stays clearly under the
+token share: many short messages are little signal. Both limits have the slack of one ordinary
+example: ``max(1, floor(share * n))`` examples, and ``share`` of the tokens plus twice the median
+example. So a small community can train at all, and four members who each hold a quarter need
+not be equal to the token, while one essay or one heavy correction cannot take a dataset over.
 
 Rings of accounts. A per-member cap alone does not stop ten fresh accounts that opt in and only
 rate (or only suggest replies): each stays under the share while together they pick most of the
@@ -285,8 +288,14 @@ def _counted(ex: Example, fits: Callable[[int], bool]) -> set[int] | None:
 
 
 class _Tally:
-    """Per cap key: the examples and the supervised mass counted against it, and the limits:
-    fewer than ``max_examples`` examples, at most ``max_mass + slack`` mass."""
+    """Per cap key: the examples and the supervised mass counted against it, and the limits.
+
+    A key may hold ``max_mass`` plus ``slack`` (one ordinary example) of mass. It may hold
+    ``max_examples`` examples, or more while its mass stays ``slack`` under ``max_mass``: many
+    short messages are little signal. (Without that exception about ``1 / share`` members, each
+    at the share, would have to be equal both in examples and in tokens: only a handful of
+    examples can be.)
+    """
 
     def __init__(self, max_examples: int, max_mass: float, slack: float) -> None:
         self.max_examples, self.max_mass, self.slack = max_examples, max_mass, slack
@@ -294,8 +303,10 @@ class _Tally:
         self.mass: defaultdict[int, float] = defaultdict(float)
 
     def fits(self, key: int, mass: float) -> bool:
-        return (self.n[key] < self.max_examples
-                and self.mass.get(key, 0.0) + mass <= self.max_mass + self.slack)
+        after = self.mass.get(key, 0.0) + mass
+        if self.n[key] < self.max_examples:
+            return after <= self.max_mass + self.slack
+        return after <= self.max_mass - self.slack
 
     def add(self, keys: set[int], mass: float) -> None:
         for k in keys:
@@ -304,8 +315,9 @@ class _Tally:
 
     def holds(self, share: float, n: int, total: float) -> bool:
         """Does the selection (``n`` examples, ``total`` mass) fit its own limits?"""
-        return ((self.max_examples == 10**9 or max(self.n.values(), default=0) <= max(1, math.floor(share * n)))
-                and all(m <= share * total + self.slack for m in self.mass.values()))
+        max_n, max_m = max(1, math.floor(share * n)), share * total
+        return all(m <= max_m + self.slack and (self.n[k] <= max_n or m <= max_m - self.slack)
+                   for k, m in self.mass.items())
 
 
 _SLOW_ROUNDS = 32  # after this many rounds the mass target shrinks by at least 10% a round
@@ -322,13 +334,13 @@ def _fixpoint(ordered: list[Example], weights: list[float], share: float, budget
     rounds = 0
     while True:
         rounds += 1
-        tally = _Tally(max(1, math.floor(share * n_target)) if slack == math.inf else 10**9, share * m_target, slack)
+        tally = _Tally(max(1, math.floor(share * n_target)), share * m_target, slack)
         chosen: list[int] = []
         total = 0.0
         for i, (ex, m) in enumerate(zip(ordered, weights)):
             if len(chosen) >= n_target:
                 break
-            who = _counted(ex, lambda k, m=m: tally.fits(k, m))
+            who = _counted(ex, lambda k, m=m, t=tally: t.fits(k, m))
             if who is None:
                 continue
             tally.add(who, m)
@@ -361,10 +373,13 @@ def _select(examples: list[Example], share: float, budget: int,
 def cap_user_share(examples: list[Example], share: float, budget: int,
                    mass: Callable[[Example], float] = supervised_mass) -> list[Example]:
     """Newest-first selection of at most ``budget`` examples in which no member steers (owns or
-    rated) more than ``max(1, floor(share * n))`` of the ``n`` selected examples, nor more than
-    ``share`` of their total ``mass`` (weighted supervised tokens) plus one ordinary example
-    (twice the median example); rating-only members count together as one
-    (``Example.cap_keys``).
+    rated) more than ``share`` of the total ``mass`` (weighted supervised tokens) plus one
+    ordinary example (twice the median example), nor more than ``max(1, floor(share * n))`` of
+    the ``n`` selected examples unless their mass stays one ordinary example under the share;
+    rating-only members count together as one (``Example.cap_keys``).
+
+    ``mass=lambda e: 1.0`` gives exactly the example count alone (the cap before it counted
+    tokens): the count limit is then the tighter one.
     """
     return _select(examples, share, budget, mass)[0]
 

@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from .pipeline import OPERATOR_DISABLED, TrainingError
 
@@ -115,7 +115,7 @@ class WorkerReport(int):
 
     runs: tuple[RunOutcome, ...]
 
-    def __new__(cls, runs: Sequence[RunOutcome] = ()) -> WorkerReport:
+    def __new__(cls, runs: Sequence[RunOutcome] = ()) -> Self:
         obj = super().__new__(cls, len(runs))
         obj.runs = tuple(runs)
         return obj
@@ -124,6 +124,9 @@ class WorkerReport(int):
     def failed(self) -> list[RunOutcome]:
         """The runs that failed (or were lost): a caller that exits 0 on these would lie."""
         return [r for r in self.runs if r.failed]
+
+    def __getnewargs__(self) -> tuple[tuple[RunOutcome, ...]]:  # type: ignore[override]
+        return (self.runs,)  # pickles as itself, not as the bare count
 
     def __repr__(self) -> str:
         return f"WorkerReport({list(self.runs)!r})"
