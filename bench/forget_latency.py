@@ -82,7 +82,10 @@ async def main() -> dict[str, Any]:
         "storage": {"data_dir": str(tmp)}, "model": {"name": "tiny"},
         "lora": {"rank": 8, "alpha": 16},
         "training": {"enabled": True, "epochs": 2.0, "batch_size": 16, "max_seq_len": 96,
-                     "learning_rate": 3e-3, "heldout_fraction": 0.2, "lease_seconds": 60},
+                     "learning_rate": 3e-3, "heldout_fraction": 0.2, "lease_seconds": 60,
+                     # 0: the in-flight run (same data as v1) passes the gate and reaches
+                     # publish, where the consent check refuses it.
+                     "eval_margin": 0.0},
     })
     assert cfg.training.strict_forget
     store = open_store(cfg.db_path)
