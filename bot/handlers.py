@@ -80,8 +80,8 @@ def forget_text(rep: Any) -> str:
         text += (": the server went back to a version without your data until the retrain "
                  "lands." if rep.deactivated else "; a retrain without your data is queued.")
     if rep.in_flight:
-        text += (" A training run in progress may include your data: its result will not be "
-                 "used, and a retrain without your data follows it.")
+        text += (" A training run was in progress: if it read your data, its result will not "
+                 "be used, and a retrain without your data follows it.")
     if not rep.tainted and not rep.in_flight:
         text += " No model version was trained on your data."
     return text
@@ -850,6 +850,13 @@ class AdapterWatcher:
                 log.exception("adapter watcher poll failed")
             await asyncio.sleep(self.interval)
 
+    async def _withdrawn(self, guild_id: int, version: int | None) -> bool:
+        """Whether a served version must not go on serving: tainted, or unknown to storage."""
+        if version is None:
+            return False
+        info = await asyncio.to_thread(self.s.store.get_version, guild_id, version)
+        return info is None or info.tainted_utc is not None
+
     async def sync_once(self) -> list[str]:
         """One poll: bring the engine in line with storage. Returns what changed, as lines."""
         wanted = await asyncio.to_thread(self.s.store.active_versions)
@@ -874,6 +881,18 @@ class AdapterWatcher:
                     log.exception("guild %s: activating adapter v%s failed unexpectedly; "
                                   "keeping %s", guild_id, version, keeping)
                     why = f"internal error: {type(exc).__name__}"
+                if await self._withdrawn(guild_id, serving.get(guild_id)):
+                    # The version it would keep learned from a member who was forgotten or
+                    # opted out: the base model serves instead until a loadable one arrives.
+                    try:
+                        await self.s.engine.deactivate(guild_id)
+                        serving.pop(guild_id, None)
+                    except Exception:
+                        log.exception("guild %s: deactivating a withdrawn version failed",
+                                      guild_id)
+                    changes.append((guild_id, f"⚠️ v{version} could not be loaded ({why}); "
+                                              "serving the base model."))
+                    continue
                 changes.append((guild_id, f"⚠️ v{version} could not be loaded ({why}); still "
                                           "serving the previous version."))
                 continue

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_types import discord_id
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("guildtune")
@@ -148,6 +149,9 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     try:
         report = store.forget_user(args.user, args.guild, strict=cfg.training.strict_forget,
                                    names=args.name or ())
+        from trainer.publish import prune_withdrawn
+
+        pruned = prune_withdrawn(store, cfg)
     finally:
         store.close()
     print(f"deleted {report.total_deleted} rows of user {args.user}: "
@@ -161,6 +165,8 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
               "not be used; a retrain follows it")
     for g in report.deactivated:
         print(f"guild {g}: tainted active version replaced at once (strict_forget)")
+    for g, v in pruned:
+        print(f"guild {g}: files of withdrawn version {v} deleted")
     return 0
 
 
@@ -265,23 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create the data directory and database")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("status", help="per-guild counts, active version and queue")
-    p.add_argument("--guild", type=int, help="only this guild")
+    p.add_argument("--guild", type=discord_id, help="only this guild")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("export", help="everything stored of one member, as JSON")
-    p.add_argument("--user", type=int, required=True)
-    p.add_argument("--guild", type=int, help="only this guild (default: all)")
+    p.add_argument("--user", type=discord_id, required=True)
+    p.add_argument("--guild", type=discord_id, help="only this guild (default: all)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("forget", help="delete every row of one member and retrain without it")
-    p.add_argument("--user", type=int, required=True)
-    p.add_argument("--guild", type=int, help="only this guild (default: all)")
+    p.add_argument("--user", type=discord_id, required=True)
+    p.add_argument("--guild", type=discord_id, help="only this guild (default: all)")
     p.add_argument("--name", action="append", metavar="NAME",
                    help="a name of theirs (repeatable) to remove from other members' stored "
                         "texts too; their id always is")
     p.set_defaults(func=cmd_forget)
     p = sub.add_parser("import", help="load community JSONL history as consented data")
-    p.add_argument("--guild", type=int, required=True)
+    p.add_argument("--guild", type=discord_id, required=True)
     p.add_argument("--learn-from-humans", action="store_true",
                    help="also let the trainer learn from members' replies to each other")
     p.add_argument("file", metavar="FILE.jsonl")

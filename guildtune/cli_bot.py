@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any
 
+from guildtune.cli_types import discord_id
 from guildtune.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("sync", help="register the slash commands with Discord (explicit, "
                                     "never done on start)")
     _add_config(p)
-    p.add_argument("--guild", type=int, default=None, metavar="ID",
+    p.add_argument("--guild", type=discord_id, default=None, metavar="ID",
                    help="sync to one guild (instant) instead of globally (up to an hour)")
     p.set_defaults(func=cmd_sync)
 

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from guildtune.cli_types import discord_id
 from guildtune.config import Config
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ PARENT_PID_ENV = "GUILDTUNE_WORKER_PARENT_PID"
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register train, worker, eval and rollback on the CLI's subparsers."""
     p = sub.add_parser("train", help="train a guild's adapter now, in the foreground")
-    p.add_argument("--guild", type=int, required=True, help="guild id")
+    p.add_argument("--guild", type=discord_id, required=True, help="guild id")
     p.add_argument("--force", action="store_true",
                    help="train even if the guild has training off, and promote even if the "
                         "evaluation gate would reject")
@@ -38,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="held-out loss of the base model and the guild's active "
                                     "adapter on a community file (one JSON object)")
-    p.add_argument("--guild", type=int, required=True, help="guild id")
+    p.add_argument("--guild", type=discord_id, required=True, help="guild id")
     p.add_argument("--data", required=True, help="community JSONL (or Discord export JSON)")
     p.add_argument("--max-pairs", type=int, default=0, metavar="N",
                    help="evaluate at most N held-out pairs (a fixed, hash-ordered subset)")
@@ -47,7 +48,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("rollback", help="re-activate the guild's previous adapter version")
-    p.add_argument("--guild", type=int, required=True, help="guild id")
+    p.add_argument("--guild", type=discord_id, required=True, help="guild id")
     p.set_defaults(func=cmd_rollback)
 
 

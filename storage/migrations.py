@@ -238,17 +238,19 @@ def m004_imports(db: Database) -> None:
 
 
 @migrations()
-def m005_forgotten(db: Database) -> None:
-    """Who asked to be forgotten, as a one-way key, so that an import of old history cannot
-    bring them back. ``user_key`` is sha256 of ``"<guild_id>:<user_id>"`` (guild_id 0: a forget
-    in every guild); it holds no text. Opting in again in the guild removes the key."""
+def m005_withdrawn(db: Database) -> None:
+    """Who asked to be forgotten or opted out, as a one-way key, so that an import of old
+    history cannot bring them back. ``user_key`` is sha256 of ``"<guild_id>:<user_id>"``
+    (guild_id 0: a forget in every guild); no text. The member's own new opt-in in a guild
+    removes that guild's key (a forget everywhere still keeps imports out of other guilds)."""
     _run_script(
         db,
         """
-        CREATE TABLE forgotten (
+        CREATE TABLE withdrawn (
             guild_id INTEGER NOT NULL,
             user_key TEXT NOT NULL,
-            forgotten_utc TEXT NOT NULL,
+            reason TEXT NOT NULL CHECK (reason IN ('forget', 'opt-out')),
+            withdrawn_utc TEXT NOT NULL,
             PRIMARY KEY (guild_id, user_key)
         );
         """

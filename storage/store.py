@@ -124,17 +124,46 @@ def cut_quotes(text: str, grams: set[tuple[str, ...]], n: int = QUOTE_MIN_WORDS)
     return "".join(out)
 
 
-def forgotten_key(guild_id: int, user_id: int) -> str:
-    """The one-way key a forget leaves behind (``forgotten`` table); guild 0 = every guild."""
+def _withhold(context: list[dict[str, Any]], consented: set[str],
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """A stored context as training may read it now: turns of members who have opted out
+    since it was stored become the placeholder, and the bot's turns lose quotes of them.
+    Returns (context, the withheld texts)."""
+    hidden = [e.get("text", "") for e in context
+              if e.get("role") != "assistant" and e.get("author_id") is not None
+              and e["author_id"] not in consented]
+    if not hidden:
+        return context, []
+    grams = quoted_grams(hidden)
+    out = []
+    for e in context:
+        if e.get("role") != "assistant" and e.get("author_id") is not None \
+                and e["author_id"] not in consented:
+            out.append({"role": "user", "author_id": None, "message_id": None,
+                        "text": PLACEHOLDER})
+        elif e.get("role") == "assistant":
+            out.append({**e, "text": cut_quotes(e.get("text", ""), grams)})
+        else:
+            out.append(e)
+    return out, hidden
+
+
+def withdrawn_key(guild_id: int, user_id: int) -> str:
+    """The key a forget or an opt-out leaves behind (``withdrawn``); guild 0 = every guild."""
     return hashlib.sha256(f"{int(guild_id)}:{int(user_id)}".encode()).hexdigest()
 
 
 def _name_pattern(user_id: int, names: Iterable[str]) -> re.Pattern[str]:
-    """A member's id (raw, in mention markup) and their names (as written, or as @name)."""
-    alts = [rf"<@!?{int(user_id)}>", rf"(?<!\d){int(user_id)}(?!\d)"]
-    for name in sorted({n.strip() for n in names if n and len(n.strip()) >= 3}, key=len,
-                       reverse=True):
-        alts.append(rf"(?<![\w@])@?{re.escape(name)}(?!\w)")
+    """A member's id and names as they appear in stored text: mention markup, the raw id (only
+    when it is snowflake-sized: a small number is ordinary chat), and ``@name`` (the front ends
+    store mentions as ``@display name``). Bare words are never matched: a member named "the"
+    or "Will" must not erase everyone's ordinary words."""
+    alts = [rf"<@!?{int(user_id)}>"]
+    if len(str(int(user_id))) >= 15:
+        alts.append(rf"(?<!\d){int(user_id)}(?!\d)")
+    for name in sorted({n.strip().lstrip("@") for n in names if n and n.strip().lstrip("@")},
+                       key=len, reverse=True):
+        alts.append(rf"(?<![\w@])@{re.escape(name)}(?!\w)")
     return re.compile("|".join(alts), re.IGNORECASE)
 
 
@@ -419,9 +448,10 @@ class Store:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
             "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
-        # Their own new choice: an earlier forget no longer keeps their imported history out.
-        self.db.execute("DELETE FROM forgotten WHERE guild_id IN (?, 0) AND user_key IN (?, ?)",
-                        [guild_id, forgotten_key(guild_id, user_id), forgotten_key(0, user_id)])
+        # Their own new choice: an earlier forget or opt-out in this guild no longer keeps their
+        # imported history out of it (a forget everywhere still keeps it out of the others).
+        self.db.execute("DELETE FROM withdrawn WHERE guild_id = ? AND user_key = ?",
+                        [guild_id, withdrawn_key(guild_id, user_id)])
         return cur.rowcount == 1
 
     def revoke_consent(self, guild_id: int, user_id: int, *, strict: bool = True) -> bool:
@@ -438,8 +468,14 @@ class Store:
                               [guild_id, user_id])
         if cur.rowcount != 1:
             return False
+        self._mark_withdrawn(guild_id, user_id, "opt-out")
         self._withdraw(user_id, [guild_id], strict, report)
         return True
+
+    def _mark_withdrawn(self, guild_id: int, user_id: int, reason: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO withdrawn (guild_id, user_key, reason, "
+                        "withdrawn_utc) VALUES (?, ?, ?, ?)",
+                        [guild_id, withdrawn_key(guild_id, user_id), reason, utc_now()])
 
     def has_consent(self, guild_id: int, user_id: int) -> bool:
         return self._scalar("SELECT 1 FROM consents WHERE guild_id = ? AND user_id = ?",
@@ -583,9 +619,13 @@ class Store:
     def log_message(self, guild_id: int, message_id: int, user_id: int, text: str, *,
                     channel_id: int = 0, reply_to_message_id: int | None = None,
                     created_utc: str | None = None, source: str = "discord") -> bool:
-        """Store a human message, only if its author has opted in. Returns whether it did."""
-        if not self.has_consent(guild_id, user_id):
+        """Store a human message, only if its author had opted in when they wrote it (the
+        same rule as for contexts). Returns whether it did."""
+        since = self._granted(guild_id, [user_id]).get(int(user_id))
+        if since is None:
             return False
+        if created_utc and parse_utc(to_utc(created_utc)) < parse_utc(since):
+            return False  # written before they opted in: not theirs to give yet
         self.db.execute(
             "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
             "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -628,6 +668,9 @@ class Store:
             created = r.get("created_utc")
             try:
                 created = now if created is None else to_utc(created)
+                if created > now:
+                    # A future time would never expire and always count as new data.
+                    created = now
             except (TypeError, ValueError):
                 raise StoreError(f"import: message {ids[0]}: created_utc {str(created)[:40]!r} is "
                                  "not a timestamp with a date (UTC ISO 8601, e.g. "
@@ -637,13 +680,13 @@ class Store:
         cur = self.db.conn.cursor()
         authors: set[int] = set()
         n = 0
-        gone = self._forgotten(guild_id, {row[3] for row in batch})
+        gone = self._withdrawn(guild_id, {row[3] for row in batch})
         if gone:
             log.info("import into guild %s: skipped the messages of %d member(s) who asked to "
-                     "be forgotten", guild_id, len(gone))
+                     "be forgotten or opted out", guild_id, len(gone))
         for row in batch:
             if row[3] in gone:
-                continue  # they asked to be forgotten: old history does not bring them back
+                continue  # forgotten or opted out: old history does not bring them back
             cur.execute(
                 "INSERT OR IGNORE INTO messages (guild_id, message_id, channel_id, user_id, "
                 "text, reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -662,17 +705,21 @@ class Store:
                  n, now])
         return n
 
-    def _forgotten(self, guild_id: int, users: Iterable[int]) -> set[int]:
-        """Which of ``users`` asked to be forgotten in the guild (or everywhere)."""
-        keys = {forgotten_key(g, u): u for u in users for g in (guild_id, 0)}
+    def _withdrawn(self, guild_id: int, users: Iterable[int]) -> set[int]:
+        """Which of ``users`` asked to be forgotten or opted out in the guild, or asked to be
+        forgotten everywhere and have not opted in here since."""
+        users = set(users)
+        here = {withdrawn_key(guild_id, u): u for u in users}
+        everywhere = {withdrawn_key(0, u): u for u in users}
         found: set[int] = set()
-        items = list(keys)
-        for i in range(0, len(items), 500):
-            chunk = items[i:i + 500]
-            found |= {keys[k] for (k,) in self.db.execute(
-                f"SELECT user_key FROM forgotten WHERE guild_id IN (?, 0) AND user_key IN "
-                f"({','.join('?' * len(chunk))})", [guild_id, *chunk])}
-        return found
+        for g, keys in ((guild_id, here), (0, everywhere)):
+            items = list(keys)
+            for i in range(0, len(items), 500):
+                chunk = items[i:i + 500]
+                found |= {keys[k] for (k,) in self.db.execute(
+                    f"SELECT user_key FROM withdrawn WHERE guild_id = ? AND user_key IN "
+                    f"({','.join('?' * len(chunk))})", [g, *chunk])}
+        return found - (set(self._granted(guild_id, found)) if found else set())
 
     def import_record(self, guild_id: int, sha256: str) -> dict[str, Any] | None:
         """The ``imports`` row of a source file already imported into the guild, else None."""
@@ -777,7 +824,11 @@ class Store:
         def fix(e: dict[str, Any]) -> dict[str, Any] | None:
             if e.get("message_id") != mid:
                 return None
-            if e.get("role") == "assistant" or e.get("author_id") in consented:
+            if e.get("role") == "assistant":
+                # The bot never edits its replies; an update event of one (an embed unfurling,
+                # a pin) must not restore words cut from the stored copy.
+                return None
+            if e.get("author_id") in consented:
                 return {**e, "text": text}
             return {"role": "user", "author_id": None, "message_id": None, "text": PLACEHOLDER}
 
@@ -809,10 +860,18 @@ class Store:
         where_g = "" if guild_id is None else " AND guild_id = ?"
         gp: list[Any] = [] if guild_id is None else [guild_id]
         uid = str(user_id)
-        guilds = sorted({r[0] for r in self.db.execute(
+        # Guilds where they have rows of their own (a run there may have read them) ...
+        had_data = sorted({r[0] for r in self.db.execute(
             " UNION ".join(f"SELECT guild_id FROM {t} WHERE user_id = ?{where_g}" for t in (
                 "consents", "messages", "interactions", "feedback", "corrections",
                 "adapter_contributors")), [x for _ in range(6) for x in (user_id, *gp)])})
+        # ... and every guild where other members' rows may hold their words, even after they
+        # opted out (no rows of their own left): the one named, or for a forget everywhere,
+        # wherever a stored context names them.
+        guilds = sorted({*had_data, *gp} if guild_id is not None else {*had_data, *(
+            r[0] for r in self.db.execute(
+                "SELECT DISTINCT guild_id FROM interactions WHERE instr(context_json, ?) > 0",
+                [f'"{uid}"']))})
         self._taint(user_id, guilds, report)
         # What they wrote, to find it quoted in the bot's replies to others (before deletion).
         grams: dict[int, set[tuple[str, ...]]] = {}
@@ -834,16 +893,16 @@ class Store:
                 f"DELETE FROM {table} WHERE user_id = ?" + where_g, [user_id, *gp]).rowcount
         scrubbed = 0
         who = _name_pattern(user_id, names)
-        needles = [uid, *(n.strip() for n in names if n and len(n.strip()) >= 3)]
+        needles = [uid, *("@" + n.strip().lstrip("@") for n in names
+                          if n and n.strip().lstrip("@"))]
         for g in guilds:
             scrubbed += self._scrub_member(g, uid, who, needles, grams.get(g, set()))
         report.deleted["texts_scrubbed"] = scrubbed
         self.db.execute("UPDATE training_runs SET requested_by = NULL WHERE requested_by = ?"
                         + where_g, [user_id, *gp])
-        g_key = 0 if guild_id is None else guild_id
-        self.db.execute("INSERT OR REPLACE INTO forgotten (guild_id, user_key, forgotten_utc) "
-                        "VALUES (?, ?, ?)", [g_key, forgotten_key(g_key, user_id), utc_now()])
-        self._withdraw(user_id, guilds, strict, report, tainted_already=True)
+        self._mark_withdrawn(0 if guild_id is None else guild_id, user_id, "forget")
+        self._withdraw(user_id, guilds, strict, report, tainted_already=True,
+                       in_flight_for=had_data)
         return report
 
     def _taint(self, user_id: int, guilds: Iterable[int], report: ForgetReport) -> None:
@@ -859,7 +918,8 @@ class Store:
                 report.tainted.append((g, v))
 
     def _withdraw(self, user_id: int, guilds: Iterable[int], strict: bool,
-                  report: ForgetReport, tainted_already: bool = False) -> None:
+                  report: ForgetReport, tainted_already: bool = False,
+                  in_flight_for: Iterable[int] | None = None) -> None:
         """The model side of a forget or an opt-out, in the caller's transaction: taint the
         versions trained on the member, flag a run in flight (publish refuses its result, and a
         retrain follows it), queue a retrain, and with ``strict`` stop serving a tainted active
@@ -867,7 +927,7 @@ class Store:
         guilds = sorted(set(guilds))
         if not tainted_already:
             self._taint(user_id, guilds, report)
-        for g in guilds:
+        for g in sorted(set(guilds if in_flight_for is None else in_flight_for)):
             running = self._scalar("SELECT id FROM training_runs WHERE guild_id = ? AND "
                                    "status = 'running'", [g])
             if running is not None:
@@ -877,7 +937,8 @@ class Store:
             if g not in report.in_flight:
                 run_id, _ = self.enqueue_run(g, "forget")
                 report.retrain_runs[g] = run_id
-            if strict:
+            # With training off for the guild no retrain will come to replace it: withdraw now.
+            if strict or not self.guild_settings(g).training_enabled:
                 active = self.active_version(g)
                 if active is not None and active.tainted_utc is not None:
                     self.rollback(g)
@@ -958,6 +1019,16 @@ class Store:
                     if k.endswith("_id") and isinstance(v, int):
                         r[k] = str(v)  # Discord snowflakes exceed JavaScript's safe integers
             out[table] = rows
+        # What they said that is stored inside other members' conversations with the bot.
+        uid = str(user_id)
+        out["your_messages_in_other_conversations"] = [
+            {"guild_id": str(g), "message_id": e.get("message_id"), "text": e.get("text"),
+             "created_utc": e.get("created_utc")}
+            for g, ctx in self.db.execute(
+                "SELECT guild_id, context_json FROM interactions WHERE user_id != ? AND "
+                "instr(context_json, ?) > 0" + where_g, [user_id, f'"{uid}"', *gp])
+            for e in json.loads(ctx)
+            if e.get("author_id") == uid and e.get("role") != "assistant"]
         out["adapter_versions_trained_on_your_data"] = [
             {"guild_id": str(r["guild_id"]), "version": r["version"]} for r in self._rows(
                 "SELECT guild_id, version FROM adapter_contributors WHERE user_id = ?" + where_g,
@@ -1270,8 +1341,11 @@ class Store:
                 "JOIN consents c ON c.guild_id = k.guild_id AND c.user_id = k.user_id "
                 "WHERE k.guild_id = ? ORDER BY k.created_utc DESC", [guild_id]):
             corrections.setdefault(c["interaction_id"], []).append(c)
+        consented = {str(u) for u in self.consented_users(guild_id)}
         for r in rows:
-            r["context"] = json.loads(r.pop("context_json"))
+            r["context"], hidden = _withhold(json.loads(r.pop("context_json")), consented)
+            if hidden:  # the reply is a target: it must not repeat them either
+                r["reply"] = cut_quotes(r["reply"], quoted_grams(hidden))
             r["raters"] = json.loads(r.pop("raters_json") or "[]")
             r["corrections"] = corrections.get(r["id"], [])
         return rows
@@ -1498,6 +1572,12 @@ def open_store(path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not p.exists():
         os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600))
+    elif p.stat().st_mode & 0o077 and p.stat().st_uid == os.geteuid():
+        # A database from before this rule (or copied in): members' data, operator-only.
+        for f in (p, *(Path(str(p) + x) for x in SIDE_FILES)):
+            if f.exists():
+                os.chmod(f, 0o600)
+        log.info("made %s readable by its owner only (0600)", p)
     store = Store(p, busy_timeout_ms=busy_timeout_ms, write_retries=write_retries)
     try:
         store.migrate()

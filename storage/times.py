@@ -33,10 +33,13 @@ def parse_utc(stamp: str) -> datetime:
         raise ValueError(f"not an ISO 8601 date-time (a date is required): {stamp!r}")
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    try:
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 and the like: out of datetime's range
+        raise ValueError(f"timestamp out of range: {stamp!r}") from None
 
 
 def to_utc(value: str | datetime) -> str:

@@ -346,3 +346,28 @@ async def test_an_unexpected_exception_is_contained_logged_and_backed_off(tmp_pa
     s.store.activate_version(A, 1)
     assert await w.sync_once() == ["Now serving model v1."]
     s.store.close()
+
+
+async def test_a_tainted_version_is_not_kept_when_the_clean_fallback_fails_to_load(
+        tmp_path: Path) -> None:
+    """strict forget rolls back to v1; v1's files are gone: the base model serves, never v2."""
+    import shutil
+
+    engine = ValidatingEngine()
+    s = make_services(tmp_path, engine=engine)
+    w = AdapterWatcher(s)
+    root = tmp_path / "adapters"
+    s.store.grant_consent(A, 7)
+    publish(s, root, A, 1)
+    s.store.register_version(A, 2, str(write_adapter(root / f"{A}/2",
+                                                     meta=guildtune_meta(guild_id=A, version=2))),
+                             base_model=TINY_BASE_ID, lora=TINY_LORA.shape(),
+                             contributors={7: 1}, activate=True)
+    assert await w.sync_once() == ["Now serving model v2."]
+    shutil.rmtree(root / f"{A}/1")
+    report = s.store.forget_user(7, A)  # default strict: the store rolls back to v1
+    assert report.deactivated == [A] and s.store.active_version(A).version == 1
+    lines = await w.sync_once()
+    assert engine.active_versions() == {}, lines  # not v2, which learned from member 7
+    assert "serving the base model" in lines[0]
+    s.store.close()

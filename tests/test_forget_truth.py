@@ -53,7 +53,7 @@ def test_forget_during_a_run_its_version_is_never_registered_and_a_retrain_follo
     assert report.in_flight == {G: run_id} and not report.retrain_runs
     text = forget_text(report)
     assert "No model version was trained on your data" not in text
-    assert "training run in progress" in text and "will not be used" in text
+    assert "training run was in progress" in text and "will not be used" in text
     # ... it publishes: refused in the registering transaction, nothing kept, Alice not
     # re-inserted as a contributor.
     with pytest.raises(ConsentChangedError):
@@ -130,6 +130,7 @@ def test_default_config_stops_serving_a_tainted_version_at_once(store: Store) ->
 
 def test_non_strict_tainted_version_stops_serving_when_the_retrain_ends_even_rejected(
         store: Store) -> None:
+    store.update_guild_settings(G, training_enabled=True)
     for u in (ALICE, BOB):
         store.grant_consent(G, u)
     _register(store, 1, {ALICE: 1, BOB: 1})
@@ -142,6 +143,7 @@ def test_non_strict_tainted_version_stops_serving_when_the_retrain_ends_even_rej
 
 
 def test_the_bar_for_a_retrain_is_the_newest_clean_version(store: Store) -> None:
+    store.update_guild_settings(G, training_enabled=True)
     for u in (ALICE, BOB):
         store.grant_consent(G, u)
     _register(store, 1, {BOB: 1})
@@ -196,18 +198,63 @@ def test_forget_cuts_the_members_words_id_and_names_from_other_members_rows(
     store.grant_consent(G, alice_id)
     words = "I will be travelling to Lisbon next tuesday morning"
     res = store.log_interaction(
-        G, 1, BOB, reply=f"Alicewonder told us: {words}. Ask 123456789012345678 for more.",
+        G, 1, BOB, reply=f"@Alicewonder told us: {words}. Ask 123456789012345678 for more.",
         context=_ctx(("user", alice_id, 1, words),
-                     ("user", BOB, 2, "where is Alicewonder going? ask <@123456789012345678>")))
-    store.log_message(G, 3, BOB, "Alicewonder is fun, ping 123456789012345678", channel_id=1)
-    store.forget_user(alice_id, G, names=["Alicewonder", "alice_w"])
+                     ("user", BOB, 2, "where is @alicewonder going? ask <@123456789012345678>")))
+    store.log_message(G, 3, BOB, "@Alicewonder is fun, ping 123456789012345678, port 5",
+                      channel_id=1)
+    store.forget_user(alice_id, G, names=["Alicewonder", "alice_w", "the"])
     row = store.get_interaction(G, res.interaction_id)
     texts = row["reply"] + row["context_json"] + json.dumps(store.export_user(BOB, G))
-    for gone in ("Lisbon", "Alicewonder", str(alice_id), "<@"):
+    for gone in ("Lisbon", "Alicewonder", "alicewonder", str(alice_id), "<@"):
         assert gone not in texts, gone
     assert "Ask @member for more" in row["reply"]
     ctx = json.loads(row["context_json"])
     assert ctx[0]["text"] == PLACEHOLDER and ctx[1]["text"].startswith("where is @member")
+    # A name that is an ordinary word ("the") only goes where it is a mention.
+    assert "the spare" not in texts and "port 5" in texts
+
+
+def test_forget_after_opting_out_still_scrubs_and_reaches_training(store: Store) -> None:
+    """Opting out leaves no rows of their own; the forget must still find their words."""
+    alice_id = 123456789012345678
+    for u in (alice_id, BOB):
+        store.grant_consent(G, u)
+    said = "my diagnosis is type one diabetes since march"
+    res = store.log_interaction(G, 1, BOB, reply="sorry to hear", reply_message_id=7,
+                                context=_ctx(("user", alice_id, 1, said),
+                                             ("user", BOB, 2, "what did she say?")))
+    assert store.revoke_consent(G, alice_id)
+    # Opted out: training reads the row without her words already.
+    row = next(r for r in store.rated_interactions(G) if r["id"] == res.interaction_id)
+    assert "diabetes" not in json.dumps(row["context"])
+    store.forget_user(alice_id, G)
+    stored = store.get_interaction(G, res.interaction_id)
+    assert "diabetes" not in stored["context_json"] and str(alice_id) not in \
+        stored["context_json"]
+    # She opts in again, Bob's exchange is liked: the dataset holds nothing of the old words.
+    store.grant_consent(G, alice_id)
+    store.record_feedback(G, 7, BOB, 1)
+    data = build_dataset(store, G, parse_config({"training": {"heldout_fraction": 0.01}}))
+    assert data.train or data.heldout, data.stats  # the exchange is trained on, without her
+    assert "diabetes" not in json.dumps([e.messages for e in (*data.train, *data.heldout)])
+    assert alice_id not in data.contributors
+
+
+def test_an_opted_out_members_turns_do_not_block_every_later_publish(store: Store) -> None:
+    for u in (ALICE, BOB):
+        store.grant_consent(G, u)
+    for i in range(5):
+        store.log_interaction(G, 1, BOB, reply=f"reply {i}", reply_message_id=100 + i,
+                              context=_ctx(("user", ALICE, 10 + i, f"alice says {i} things"),
+                                           ("user", BOB, 20 + i, f"bob asks {i}")))
+        store.record_feedback(G, 100 + i, BOB, 1)
+    store.revoke_consent(G, ALICE)
+    data = build_dataset(store, G, parse_config({"training": {"heldout_fraction": 0.01}}))
+    assert data.train + data.heldout and ALICE not in data.contributors
+    dataset_utc = utc_now()
+    _register(store, 1, data.contributors, dataset_utc=None)  # no ConsentChangedError
+    assert store.active_version(G).version == 1 and dataset_utc
 
 
 def test_raw_mentions_never_reach_storage_or_a_training_target(store: Store) -> None:
@@ -348,9 +395,89 @@ def test_an_import_of_old_history_does_not_bring_a_forgotten_member_back(store: 
     assert store.db.execute("SELECT count(*) FROM messages WHERE user_id = ?",
                             [ALICE]).fetchone()[0] == 0
     assert not store.has_consent(G, ALICE)
-    assert str(ALICE) not in json.dumps(store.db.execute("SELECT * FROM forgotten").fetchall())
-    # A forget everywhere keeps her out of every guild; her own new opt-in lifts it there.
+    assert str(ALICE) not in json.dumps(store.db.execute("SELECT * FROM withdrawn").fetchall())
+    # A forget everywhere keeps her out of every guild; her own new opt-in lifts it there only.
     store.forget_user(ALICE)
     assert store.import_messages(H, rows[:1]) == 0
     store.grant_consent(H, ALICE)
     assert store.import_messages(H, rows[:1]) == 1
+    third = 3003
+    assert store.import_messages(third, rows[:1]) == 0 and not store.has_consent(third, ALICE)
+
+
+def test_an_import_does_not_override_an_opt_out(store: Store) -> None:
+    rows = [{"message_id": 1, "user_id": ALICE, "text": "old words", "created_utc": utc_now()}]
+    store.grant_consent(G, ALICE)
+    assert store.revoke_consent(G, ALICE)
+    assert store.import_messages(G, rows) == 0
+    assert not store.has_consent(G, ALICE)  # her live chat is still not logged
+    assert not store.log_interaction(G, 1, ALICE, context=[], reply="r").stored
+    store.grant_consent(G, ALICE)  # her own choice again
+    assert store.import_messages(G, rows) == 1
+
+
+def test_a_message_written_before_opting_in_is_not_kept_even_if_logged_late(
+        store: Store) -> None:
+    store.grant_consent(G, ALICE)
+    assert not store.log_message(G, 1, ALICE, "said before opting in",
+                                 created_utc="2020-01-01T00:00:00Z")
+    assert store.log_message(G, 2, ALICE, "said after", created_utc=utc_now())
+    assert [r[0] for r in store.db.execute("SELECT text FROM messages")] == ["said after"]
+
+
+def test_withdrawn_versions_files_are_deleted_by_the_retention_job(tmp_path: Path) -> None:
+    from trainer.schedule import purge_expired
+
+    cfg = parse_config({"storage": {"data_dir": str(tmp_path)},
+                        "privacy": {"retention_days": 0}})
+    store = open_store(cfg.db_path)
+    try:
+        for u in (ALICE, BOB):
+            store.grant_consent(G, u)
+        dirs = {}
+        for v, who in ((1, {BOB: 1}), (2, {ALICE: 1, BOB: 1})):
+            d = cfg.adapters_dir / str(G) / str(v)
+            d.mkdir(parents=True)
+            (d / "adapter_model.safetensors").write_bytes(b"weights")
+            dirs[v] = d
+            store.register_version(G, v, str(d), base_model="tiny", lora={}, contributors=who,
+                                   activate=True)
+        outside = tmp_path / "elsewhere"  # a row must never delete outside the adapters dir
+        outside.mkdir()
+        store.register_version(G, 3, str(outside), base_model="tiny", lora={},
+                               contributors={ALICE: 1}, activate=True)
+        store.forget_user(ALICE, G)
+        assert store.active_version(G).version == 1
+        assert purge_expired(store, cfg)["withdrawn_versions"] == 1
+        assert not dirs[2].exists() and outside.exists()
+        assert store.get_version(G, 2).tainted_utc  # the record stays
+    finally:
+        store.close()
+
+
+def test_mydata_includes_what_they_said_inside_other_members_conversations(
+        store: Store) -> None:
+    alice_id = 123456789012345678
+    for u in (alice_id, BOB):
+        store.grant_consent(G, u)
+    store.log_interaction(G, 1, BOB, reply="ok", context=_ctx(
+        ("user", alice_id, 1, "alice's words in bob's chat"), ("user", BOB, 2, "hm?")))
+    data = store.export_user(alice_id, G)
+    assert [m["text"] for m in data["your_messages_in_other_conversations"]] == [
+        "alice's words in bob's chat"]
+    assert "hm?" not in json.dumps(data)
+
+
+def test_an_existing_database_is_made_private_and_future_import_times_are_clamped(
+        tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    open_store(db).close()
+    os.chmod(db, 0o644)
+    store = open_store(db)
+    try:
+        assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+        store.import_messages(G, [{"message_id": 1, "user_id": ALICE, "text": "x",
+                                   "created_utc": "2999-01-01T00:00:00Z"}])
+        assert store.db.execute("SELECT created_utc FROM messages").fetchone()[0] <= utc_now()
+    finally:
+        store.close()

@@ -143,6 +143,7 @@ def test_queue_dedup_claim_lease_and_recovery(store: Store) -> None:
 
 def test_versions_activate_rollback_and_taint(store: Store) -> None:
     lora = {"rank": 4}
+    store.update_guild_settings(G, training_enabled=True)  # else no retrain comes: strict
     for u in (ALICE, BOB):
         store.grant_consent(G, u)
     for v, who in ((1, {ALICE: 2}), (2, {BOB: 3}), (3, {ALICE: 1, BOB: 1})):

@@ -115,8 +115,14 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
             if active is not None and active.base_model == lm.base_id:
                 # Only comparable on the base it was trained on; another base means the active
                 # version cannot be served with this model anyway.
-                metrics["active_loss"] = adapter_loss(peft_model, lm.tokenizer, data.heldout,
-                                                      active.path, ml)
+                try:
+                    metrics["active_loss"] = adapter_loss(peft_model, lm.tokenizer,
+                                                          data.heldout, active.path, ml)
+                except Exception as exc:  # its files are gone or broken: judge against base
+                    log.warning("guild %s: active version v%s cannot be evaluated (%s); the "
+                                "candidate is judged against the base model", guild_id,
+                                active.version, exc)
+                    metrics["active_error"] = f"{type(exc).__name__}: {exc}"[:300]
             decision = gate(metrics["candidate_loss"], metrics["base_loss"],
                             metrics["active_loss"], cfg.training.eval_margin, force)
         else:

@@ -27,10 +27,14 @@ RETENTION_JOB = "guildtune-retention"
 
 
 def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
-    """Retention: delete interactions and messages older than ``privacy.retention_days``."""
+    """Retention: delete interactions and messages older than ``privacy.retention_days``, and
+    the files of adapter versions withdrawn by a forget or an opt-out."""
+    from .publish import prune_withdrawn
+
     deleted = store.purge_older_than(cfg.privacy.retention_days)
     if any(deleted.values()):
         log.info("retention (%s days): deleted %s", cfg.privacy.retention_days, deleted)
+    deleted["withdrawn_versions"] = len(prune_withdrawn(store, cfg))
     return deleted
 
 
@@ -127,15 +131,16 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
         scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
                           args=(scheduler, store, cfg), id="guildtune-sync",
                           replace_existing=True, name="sync guild training schedules")
-    if cfg.privacy.retention_days > 0:
-        from datetime import UTC, datetime, timedelta
+    # Always (whatever the training switch): retention, and with retention_days = 0 still
+    # the deletion of withdrawn adapters' files.
+    from datetime import UTC, datetime, timedelta
 
-        from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.cron import CronTrigger
 
-        # Daily, and once a minute after start (a bot restarted every night would otherwise
-        # never reach the daily slot; the minute keeps it out of the start-up rush).
-        scheduler.add_job(purge_expired, CronTrigger(hour=3, minute=30, timezone="UTC"),
-                          args=(store, cfg), id=RETENTION_JOB, replace_existing=True,
-                          next_run_time=datetime.now(UTC) + timedelta(minutes=1),
-                          name="apply the retention period")
+    # Daily, and once a minute after start (a bot restarted every night would otherwise
+    # never reach the daily slot; the minute keeps it out of the start-up rush).
+    scheduler.add_job(purge_expired, CronTrigger(hour=3, minute=30, timezone="UTC"),
+                      args=(store, cfg), id=RETENTION_JOB, replace_existing=True,
+                      next_run_time=datetime.now(UTC) + timedelta(minutes=1),
+                      name="apply the retention period")
     return scheduler
