@@ -51,7 +51,8 @@ def consent_statement(guild_name: str, cfg: Any) -> str:
     README's data statement says the same at length."""
     days = cfg.privacy.retention_days
     keep = f"for {days} days" if days > 0 else "until you or an admin delete it"
-    when = "at once" if cfg.training.strict_forget else "when the next training run ends"
+    when = ("at once" if cfg.training.withdraw_at_once else
+            "when the next training run ends")
     return (
         f"**What guildtune stores in {guild_name}, only if you opt in** (and only what you write "
         "from then on)\n"
@@ -601,7 +602,7 @@ class Core:
             return ("You opted in. Thank you! Your conversations with the bot and your ratings "
                     "will be stored." if new else "You were already opted in.")
         was = await self._db(self.s.store.revoke_consent, guild_id, user_id,
-                             strict=self.s.config.training.strict_forget)
+                             strict=self.s.config.training.withdraw_at_once)
         return ("You opted out: nothing new of yours will be stored, and what was stored is "
                 "no longer used to train (model versions that learned from it are retrained "
                 "without it). It stays stored until you use /forget." if was else
@@ -617,7 +618,8 @@ class Core:
         other members' stored texts); the text tells them truthfully what happens to the
         model."""
         rep = await self._db(self.s.store.forget_user, user_id, guild_id,
-                             strict=self.s.config.training.strict_forget, names=tuple(names))
+                             strict=self.s.config.training.withdraw_at_once,
+                             names=tuple(names))
         return forget_text(rep)
 
     # -- admin commands --------------------------------------------------------------------------

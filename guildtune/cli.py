@@ -147,8 +147,8 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     """Delete every row of one member; taint and retrain the versions trained on them."""
     store = _store(cfg)
     try:
-        report = store.forget_user(args.user, args.guild, strict=cfg.training.strict_forget,
-                                   names=args.name or ())
+        report = store.forget_user(args.user, args.guild,
+                                   strict=cfg.training.withdraw_at_once, names=args.name or ())
         from trainer.publish import prune_withdrawn
 
         pruned = prune_withdrawn(store, cfg)

@@ -167,6 +167,13 @@ class TrainingConfig:
     lease_seconds: int = 120
     poll_seconds: float = 5.0
 
+    @property
+    def withdraw_at_once(self) -> bool:
+        """Whether a forget or an opt-out stops serving a tainted version at once: with
+        ``strict_forget``, and always while the operator has training off (no retrain would
+        come to replace it). The store adds the same for a guild whose own switch is off."""
+        return self.strict_forget or not self.enabled
+
     def validate(self) -> None:
         from apscheduler.triggers.cron import CronTrigger  # light import, only here
 

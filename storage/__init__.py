@@ -28,7 +28,7 @@ from .store import (
 )
 
 __all__ = [
-    "DELETED", "PLACEHOLDER", "AdapterVersion", "ConsentChangedError", "ForgetReport", "GuildSettings", "LogResult",
-    "Run", "Store", "StoreBusyError", "StoreError", "StoreFullError", "check_backup", "new_ulid", "open_store",
-    "restore_backup", "utc_now",
+    "DELETED", "PLACEHOLDER", "AdapterVersion", "ConsentChangedError", "ForgetReport",
+    "GuildSettings", "LogResult", "Run", "Store", "StoreBusyError", "StoreError",
+    "StoreFullError", "check_backup", "new_ulid", "open_store", "restore_backup", "utc_now",
 ]

@@ -379,8 +379,12 @@ def test_the_consent_text_promises_what_the_config_does() -> None:
 
     strict = consent_statement("S", parse_config({}))
     assert "replies to other opted-in members" in strict and "at once" in strict
-    lax = consent_statement("S", parse_config({"training": {"strict_forget": False}}))
+    lax = consent_statement("S", parse_config({"training": {"strict_forget": False,
+                                                            "enabled": True}}))
     assert "at once" not in lax and "next training run ends" in lax
+    # With training off no retrain comes: withdrawn at once whatever strict_forget says.
+    off = parse_config({"training": {"strict_forget": False}})
+    assert off.training.withdraw_at_once and "at once" in consent_statement("S", off)
     assert "365 days" in strict
 
 

@@ -45,9 +45,17 @@ def at(i: int) -> str:
     return format_utc(T0 + timedelta(seconds=i))
 
 
+def opt_in(store: Store, user: int) -> None:
+    """Opted in since before T0: the history written at ``at(i)`` is theirs to give (the store
+    keeps nothing written before a member's consent)."""
+    store.grant_consent(G, user)
+    store.db.execute("UPDATE consents SET granted_utc = ? WHERE guild_id = ? AND user_id = ?",
+                     [format_utc(T0 - timedelta(days=1)), G, user])
+
+
 def chat(store: Store, user: int, text: str, reply: str, i: int) -> str:
     """A member asks the bot, gets ``reply`` and likes it; returns the interaction id."""
-    store.grant_consent(G, user)
+    opt_in(store, user)
     rid = next(_ids)
     res = store.log_interaction(G, 1, user, reply=reply, reply_message_id=rid, context=[
         {"role": "user", "author_id": user, "message_id": next(_ids), "text": text,
@@ -60,7 +68,7 @@ def human_reply(store: Store, parent_user: int, reply_user: int, parent: str, re
                 i: int) -> None:
     """One member answers another in the channel (a training pair with learn_from_humans)."""
     for u in (parent_user, reply_user):
-        store.grant_consent(G, u)
+        opt_in(store, u)
     pid = next(_ids)
     assert store.log_message(G, pid, parent_user, parent, created_utc=at(i))
     assert store.log_message(G, next(_ids), reply_user, reply, reply_to_message_id=pid,

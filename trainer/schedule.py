@@ -34,7 +34,9 @@ def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
     deleted = store.purge_older_than(cfg.privacy.retention_days)
     if any(deleted.values()):
         log.info("retention (%s days): deleted %s", cfg.privacy.retention_days, deleted)
-    deleted["withdrawn_versions"] = len(prune_withdrawn(store, cfg))
+    pruned = prune_withdrawn(store, cfg)
+    if pruned:
+        deleted["withdrawn_versions"] = len(pruned)
     return deleted
 
 
