@@ -10,26 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from guildtune.cli import main
 from guildtune.config import load_config
 from storage import StoreError, open_store
 from storage.times import format_utc, parse_utc
 from trainer.schedule import purge_expired
 
-ROOT = Path(__file__).resolve().parents[1]
-IRC = ROOT.parent / "shared" / "data" / "irc"
+from tests.test_cli import IRC, ROOT, cfg_file, run  # noqa: F401 (cfg_file is a fixture)
+
 G = 7
-
-
-@pytest.fixture
-def cfg_file(tmp_path: Path) -> Path:
-    p = tmp_path / "config.toml"
-    p.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[model]\nname = "tiny"\n')
-    return p
-
-
-def run(cfg: Path, *args: str) -> int:
-    return main(["--config", str(cfg), *args])
 
 
 def write_jsonl(path: Path, n: int, *, time: str | None = "01:00", text: str = "line",
