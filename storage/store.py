@@ -161,8 +161,8 @@ def _name_pattern(user_id: int, names: Iterable[str]) -> re.Pattern[str]:
     alts = [rf"<@!?{int(user_id)}>"]
     if len(str(int(user_id))) >= 15:
         alts.append(rf"(?<!\d){int(user_id)}(?!\d)")
-    for name in sorted({n.strip().lstrip("@") for n in names if n and n.strip().lstrip("@")},
-                       key=len, reverse=True):
+    for name in sorted({n.strip().lstrip("@") for n in names if n and n.strip().lstrip("@")}
+                       - {"everyone", "here"}, key=len, reverse=True):
         alts.append(rf"(?<![\w@])@{re.escape(name)}(?!\w)")
     return re.compile("|".join(alts), re.IGNORECASE)
 
@@ -868,10 +868,14 @@ class Store:
         # ... and every guild where other members' rows may hold their words, even after they
         # opted out (no rows of their own left): the one named, or for a forget everywhere,
         # wherever a stored context names them.
-        guilds = sorted({*had_data, *gp} if guild_id is not None else {*had_data, *(
-            r[0] for r in self.db.execute(
-                "SELECT DISTINCT guild_id FROM interactions WHERE instr(context_json, ?) > 0",
-                [f'"{uid}"']))})
+        if guild_id is not None:
+            guilds = sorted({*had_data, guild_id})
+        elif any(n and n.strip() for n in names):  # a mention of them may be in any guild
+            guilds = sorted({*had_data, *self.guild_ids()})
+        else:
+            guilds = sorted({*had_data, *(r[0] for r in self.db.execute(
+                "SELECT DISTINCT guild_id FROM interactions WHERE instr(context_json, ?) > 0 "
+                "OR instr(reply, ?) > 0", [uid, uid]))})
         self._taint(user_id, guilds, report)
         # What they wrote, to find it quoted in the bot's replies to others (before deletion).
         grams: dict[int, set[tuple[str, ...]]] = {}
@@ -893,10 +897,12 @@ class Store:
                 f"DELETE FROM {table} WHERE user_id = ?" + where_g, [user_id, *gp]).rowcount
         scrubbed = 0
         who = _name_pattern(user_id, names)
-        needles = [uid, *("@" + n.strip().lstrip("@") for n in names
-                          if n and n.strip().lstrip("@"))]
+        has_names = any(n and n.strip().lstrip("@") for n in names)
         for g in guilds:
-            scrubbed += self._scrub_member(g, uid, who, needles, grams.get(g, set()))
+            since = min((v.activated_utc for gg, vv in report.tainted if gg == g
+                         for v in [self.get_version(g, vv)] if v and v.activated_utc),
+                        default=None)
+            scrubbed += self._scrub_member(g, uid, who, has_names, grams.get(g, set()), since)
         report.deleted["texts_scrubbed"] = scrubbed
         self.db.execute("UPDATE training_runs SET requested_by = NULL WHERE requested_by = ?"
                         + where_g, [user_id, *gp])
@@ -944,42 +950,51 @@ class Store:
                     self.rollback(g)
                     report.deactivated.append(g)
 
-    def _scrub_member(self, guild_id: int, uid: str, who: re.Pattern[str],
-                      needles: list[str], grams: set[tuple[str, ...]]) -> int:
+    def _scrub_member(self, guild_id: int, uid: str, who: re.Pattern[str], has_names: bool,
+                      grams: set[tuple[str, ...]], tainted_since: str | None) -> int:
         """Take a forgotten member out of other members' rows of one guild: their context turns
-        become the placeholder; their id, names and quoted words leave every stored text."""
-        def fix_text(text: str) -> str:
-            return who.sub("@member", cut_quotes(text, grams))
+        become the placeholder, their id and mentions become ``@member`` in every stored text,
+        and runs of their words are cut from what the bot said (replies and its turns in
+        contexts) and from suggested replies, the training targets.
 
-        conds = " OR ".join(["instr(lower(context_json), ?) > 0 OR instr(lower(reply), ?) > 0"]
-                            * len(needles))
-        params = [x for n in needles for x in (n.casefold(), n.casefold())]
-        if grams:
-            # Replies that quote them can only come from a conversation they were in.
-            conds += " OR instr(context_json, ?) > 0"
-            params.append(f'"{uid}"')
+        Where the bot can have said their words: in a conversation they were in, or, once a
+        version trained on them served (``tainted_since``), anywhere: a model repeats what it
+        memorised."""
+        conds = ["instr(context_json, ?) > 0", "instr(reply, ?) > 0"]
+        params: list[Any] = [uid, uid]
+        if has_names:  # mentions are stored as @name; JSON escapes and case are for Python
+            conds += ["instr(context_json, '@') > 0", "instr(reply, '@') > 0"]
+        if grams and tainted_since is not None:
+            conds.append("created_utc >= ?")
+            params.append(tainted_since)
         n = 0
         for row in self._rows(f"SELECT id, context_json, reply FROM interactions WHERE "
-                              f"guild_id = ? AND ({conds})", [guild_id, *params]):
+                              f"guild_id = ? AND ({' OR '.join(conds)})", [guild_id, *params]):
             ctx = json.loads(row["context_json"])
             new_ctx = []
             for e in ctx:
                 if e.get("author_id") == uid and e.get("role") != "assistant":
                     new_ctx.append({"role": "user", "author_id": None, "message_id": None,
                                     "text": PLACEHOLDER})
-                else:
-                    new_ctx.append({**e, "text": fix_text(e.get("text", ""))})
-            reply = fix_text(row["reply"])
+                elif e.get("role") == "assistant":
+                    new_ctx.append({**e, "text": who.sub("@member",
+                                                         cut_quotes(e.get("text", ""), grams))})
+                else:  # another member's own words: only the id and mentions go
+                    new_ctx.append({**e, "text": who.sub("@member", e.get("text", ""))})
+            reply = who.sub("@member", cut_quotes(row["reply"], grams))
             if new_ctx != ctx or reply != row["reply"]:
                 self.db.execute("UPDATE interactions SET context_json = ?, reply = ?, "
                                 "updated_utc = ? WHERE id = ?",
                                 [json.dumps(new_ctx), reply, utc_now(), row["id"]])
                 n += 1
-        conds = " OR ".join(["instr(lower(text), ?) > 0"] * len(needles))
-        for table, key in (("messages", "message_id"), ("corrections", "id")):
+        for table, key, cut in (("messages", "message_id", False), ("corrections", "id", True)):
+            where = ["instr(text, ?) > 0"] + (["instr(text, '@') > 0"] if has_names else [])
+            if cut and grams:
+                where = ["1"]  # suggested replies are training targets: all of them, few
             for row in self._rows(f"SELECT {key} AS k, text FROM {table} WHERE guild_id = ? "
-                                  f"AND ({conds})", [guild_id, *(x.casefold() for x in needles)]):
-                text = who.sub("@member", row["text"])
+                                  f"AND ({' OR '.join(where)})",
+                                  [guild_id, *([uid] if where != ["1"] else [])]):
+                text = who.sub("@member", cut_quotes(row["text"], grams) if cut else row["text"])
                 if text != row["text"]:
                     self.db.execute(f"UPDATE {table} SET text = ? WHERE guild_id = ? AND "
                                     f"{key} = ?", [text, guild_id, row["k"]])

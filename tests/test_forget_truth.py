@@ -485,3 +485,63 @@ def test_an_existing_database_is_made_private_and_future_import_times_are_clampe
         assert store.db.execute("SELECT created_utc FROM messages").fetchone()[0] <= utc_now()
     finally:
         store.close()
+
+
+def test_words_a_tainted_version_memorised_are_cut_from_replies_anywhere(store: Store) -> None:
+    """v1 learned Alice's words and repeats them in Bob's chat, where she never spoke."""
+    alice_id = 123456789012345678
+    for u in (alice_id, BOB):
+        store.grant_consent(G, u)
+    secret = "my cousin lives at 42 harbour road and works nights"
+    store.log_message(G, 1, alice_id, secret)
+    _register(store, 1, {alice_id: 1, BOB: 1})
+    res = store.log_interaction(G, 1, BOB, reply=f"Sure: {secret}.", reply_message_id=9,
+                                adapter_version=1,
+                                context=_ctx(("user", BOB, 8, "tell me something")))
+    store.record_feedback(G, 9, BOB, 1)
+    store.forget_user(alice_id, G)
+    row = next(r for r in store.rated_interactions(G) if r["id"] == res.interaction_id)
+    assert "harbour" not in row["reply"] and row["reply"].startswith("Sure:")
+
+
+@pytest.mark.parametrize("name", ["Zoë", 'bob "the" builder', "back\\slash", "Ольга", "ÅSA"])
+def test_mentions_of_names_with_any_characters_are_removed(store: Store, name: str) -> None:
+    alice_id = 123456789012345678
+    for u in (alice_id, BOB):
+        store.grant_consent(G, u)
+    res = store.log_interaction(G, 1, BOB, reply=f"yes, @{name.lower()} did",
+                                context=_ctx(("user", BOB, 2, f"did @{name} say so?")))
+    store.log_message(G, 3, BOB, f"hi @{name.upper()}")
+    store.forget_user(alice_id, G, names=[name])
+    row = store.get_interaction(G, res.interaction_id)
+    ctx = json.loads(row["context_json"])
+    assert ctx[0]["text"] == "did @member say so?" and row["reply"] == "yes, @member did"
+    assert store.db.execute("SELECT text FROM messages").fetchone()[0] == "hi @member"
+
+
+def test_forget_everywhere_removes_mentions_in_guilds_without_their_rows(store: Store) -> None:
+    store.grant_consent(H, BOB)
+    store.log_message(H, 1, BOB, "did @alice leave? she was nice")
+    store.forget_user(123456789012345678, names=["alice"])
+    assert store.db.execute("SELECT text FROM messages").fetchone()[0] == \
+        "did @member leave? she was nice"
+
+
+def test_forget_leaves_other_members_own_words_and_cuts_quotes_in_suggestions(
+        store: Store) -> None:
+    alice_id = 123456789012345678
+    for u in (alice_id, BOB, CAROL):
+        store.grant_consent(G, u)
+    said = "thank you so much for asking, my number is five five five one two"
+    res = store.log_interaction(
+        G, 1, BOB, reply=f"Alice said {said}", reply_message_id=5,
+        context=_ctx(("user", alice_id, 1, said),
+                     ("user", BOB, 2, "thank you so much for this, i will try it")))
+    store.add_correction(G, res.interaction_id, CAROL, f"she said {said}, call her")
+    store.forget_user(alice_id, G)
+    row = store.get_interaction(G, res.interaction_id)
+    assert json.loads(row["context_json"])[1]["text"] == \
+        "thank you so much for this, i will try it"
+    assert "five five" not in row["reply"]
+    correction = store.db.execute("SELECT text FROM corrections").fetchone()[0]
+    assert "five five" not in correction and correction.startswith("she said")
