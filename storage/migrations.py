@@ -242,7 +242,8 @@ def m005_withdrawn(db: Database) -> None:
     """Who asked to be forgotten or opted out, as a one-way key, so that an import of old
     history cannot bring them back. ``user_key`` is sha256 of ``"<guild_id>:<user_id>"``
     (guild_id 0: a forget in every guild); no text. The member's own new opt-in in a guild
-    removes that guild's key (a forget everywhere still keeps imports out of other guilds)."""
+    lifts that guild's key (a forget everywhere still keeps imports out of other guilds);
+    ``withdrawn_utc`` stays the line before which nothing of theirs trains again."""
     _run_script(
         db,
         """
@@ -251,6 +252,7 @@ def m005_withdrawn(db: Database) -> None:
             user_key TEXT NOT NULL,
             reason TEXT NOT NULL CHECK (reason IN ('forget', 'opt-out')),
             withdrawn_utc TEXT NOT NULL,
+            lifted_utc TEXT,
             PRIMARY KEY (guild_id, user_key)
         );
         """

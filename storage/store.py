@@ -450,8 +450,9 @@ class Store:
             "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
         # Their own new choice: an earlier forget or opt-out in this guild no longer keeps their
         # imported history out of it (a forget everywhere still keeps it out of the others).
-        self.db.execute("DELETE FROM withdrawn WHERE guild_id = ? AND user_key = ?",
-                        [guild_id, withdrawn_key(guild_id, user_id)])
+        self.db.execute("UPDATE withdrawn SET lifted_utc = ? WHERE guild_id = ? AND "
+                        "user_key = ? AND lifted_utc IS NULL",
+                        [utc_now(), guild_id, withdrawn_key(guild_id, user_id)])
         return cur.rowcount == 1
 
     def revoke_consent(self, guild_id: int, user_id: int, *, strict: bool = True) -> bool:
@@ -474,7 +475,7 @@ class Store:
 
     def _mark_withdrawn(self, guild_id: int, user_id: int, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO withdrawn (guild_id, user_key, reason, "
-                        "withdrawn_utc) VALUES (?, ?, ?, ?)",
+                        "withdrawn_utc, lifted_utc) VALUES (?, ?, ?, ?, NULL)",
                         [guild_id, withdrawn_key(guild_id, user_id), reason, utc_now()])
 
     def has_consent(self, guild_id: int, user_id: int) -> bool:
@@ -717,9 +718,27 @@ class Store:
             for i in range(0, len(items), 500):
                 chunk = items[i:i + 500]
                 found |= {keys[k] for (k,) in self.db.execute(
-                    f"SELECT user_key FROM withdrawn WHERE guild_id = ? AND user_key IN "
-                    f"({','.join('?' * len(chunk))})", [g, *chunk])}
+                    f"SELECT user_key FROM withdrawn WHERE guild_id = ? AND lifted_utc IS NULL "
+                    f"AND user_key IN ({','.join('?' * len(chunk))})", [g, *chunk])}
         return found - (set(self._granted(guild_id, found)) if found else set())
+
+    def _cutoffs(self, guild_id: int, users: Iterable[int]) -> dict[int, str]:
+        """user -> the time of their last forget or opt-out in the guild (or everywhere): what
+        they wrote before it never trains again, even once they opt in anew."""
+        keys: dict[str, int] = {}
+        for u in {int(x) for x in users}:
+            keys[withdrawn_key(guild_id, u)] = u
+            keys[withdrawn_key(0, u)] = u
+        out: dict[int, str] = {}
+        items = list(keys)
+        for i in range(0, len(items), 500):
+            chunk = items[i:i + 500]
+            for k, t in self.db.execute(
+                    f"SELECT user_key, withdrawn_utc FROM withdrawn WHERE guild_id IN (?, 0) AND "
+                    f"user_key IN ({','.join('?' * len(chunk))})", [guild_id, *chunk]):
+                u = keys[k]
+                out[u] = max(out.get(u, t), t)
+        return out
 
     def import_record(self, guild_id: int, sha256: str) -> dict[str, Any] | None:
         """The ``imports`` row of a source file already imported into the guild, else None."""
@@ -1229,6 +1248,13 @@ class Store:
         registered, so it can neither serve nor be rolled back to.
         """
         self.check_contributors(guild_id, contributors or {}, dataset_utc)
+        if run_id is not None and self._scalar(
+                "SELECT status FROM training_runs WHERE id = ?", [run_id]) not in (None,
+                                                                                 "running"):
+            # Its lease expired and the run was recovered (failed, requeued): another worker
+            # may be training the guild now. A late publisher must not register anything.
+            raise StoreError(f"run {run_id} of guild {guild_id} is no longer running (its lease "
+                             "was lost); its version is not kept")
         self.db["adapter_versions"].insert({
             "guild_id": guild_id, "version": version, "path": str(path), "status": status,
             "base_model": base_model, "lora_json": json.dumps(lora, sort_keys=True),
@@ -1338,37 +1364,67 @@ class Store:
     # -- reads for the trainer and for status --------------------------------------------------
 
     def rated_interactions(self, guild_id: int) -> list[dict[str, Any]]:
-        """Interactions of still-consented members with the net rating of still-consented
-        raters (``score``), the raters, and the corrections of still-consented members."""
+        """What training may read of the guild's interactions: those of members opted in now,
+        with the net rating of raters opted in now (``score``), the raters, and the corrections
+        of members opted in now; nothing anyone wrote or rated before their last forget or
+        opt-out (``_cutoffs``), and their turns in stored contexts as the placeholder."""
         rows = self._rows(
-            "SELECT i.id, i.user_id, i.context_json, i.reply, i.adapter_version, i.created_utc, "
-            "coalesce((SELECT sum(f.rating) FROM feedback f JOIN consents c ON "
-            "  c.guild_id = f.guild_id AND c.user_id = f.user_id WHERE f.interaction_id = i.id),"
-            "  0) AS score, "
-            "(SELECT json_group_array(f.user_id) FROM feedback f JOIN consents c ON "
-            "  c.guild_id = f.guild_id AND c.user_id = f.user_id WHERE f.interaction_id = i.id)"
-            "  AS raters_json "
+            "SELECT i.id, i.user_id, i.context_json, i.reply, i.adapter_version, i.created_utc "
             "FROM interactions i JOIN consents c ON c.guild_id = i.guild_id AND "
             "c.user_id = i.user_id WHERE i.guild_id = ? ORDER BY i.created_utc DESC", [guild_id])
+        ratings = self._rows(
+            "SELECT f.interaction_id, f.user_id, f.rating, f.created_utc FROM feedback f JOIN "
+            "consents c ON c.guild_id = f.guild_id AND c.user_id = f.user_id "
+            "WHERE f.guild_id = ? ORDER BY f.rowid", [guild_id])
+        fixes = self._rows(
+            "SELECT k.interaction_id, k.user_id, k.text, k.created_utc FROM corrections k "
+            "JOIN consents c ON c.guild_id = k.guild_id AND c.user_id = k.user_id "
+            "WHERE k.guild_id = ? ORDER BY k.created_utc DESC", [guild_id])
+        consented = self.consented_users(guild_id)
+        cut = self._cutoffs(guild_id, consented)
+
+        def usable(user: Any, when: str | None) -> bool:
+            if user is None or int(user) not in consented:
+                return False
+            line = cut.get(int(user))
+            # Strictly after: a row stamped in the same millisecond as the opt-out is withheld.
+            return line is None or (when is not None and when > line)
+
+        by_interaction: dict[str, list[dict[str, Any]]] = {}
+        for f in ratings:
+            if usable(f["user_id"], f["created_utc"]):
+                by_interaction.setdefault(f["interaction_id"], []).append(f)
         corrections: dict[str, list[dict[str, Any]]] = {}
-        for c in self._rows(
-                "SELECT k.interaction_id, k.user_id, k.text, k.created_utc FROM corrections k "
-                "JOIN consents c ON c.guild_id = k.guild_id AND c.user_id = k.user_id "
-                "WHERE k.guild_id = ? ORDER BY k.created_utc DESC", [guild_id]):
-            corrections.setdefault(c["interaction_id"], []).append(c)
-        consented = {str(u) for u in self.consented_users(guild_id)}
+        for c in fixes:
+            if usable(c["user_id"], c["created_utc"]):
+                corrections.setdefault(c["interaction_id"], []).append(c)
+        out = []
         for r in rows:
-            r["context"], hidden = _withhold(json.loads(r.pop("context_json")), consented)
-            if hidden:  # the reply is a target: it must not repeat them either
-                r["reply"] = cut_quotes(r["reply"], quoted_grams(hidden))
-            r["raters"] = json.loads(r.pop("raters_json") or "[]")
-            r["corrections"] = corrections.get(r["id"], [])
-        return rows
+            if not usable(r["user_id"], r["created_utc"]):
+                continue
+            ctx = json.loads(r.pop("context_json"))
+            ok = {e["author_id"] for e in ctx
+                  if e.get("author_id") is not None and e.get("role") != "assistant"
+                  and usable(e["author_id"], e.get("created_utc") or r["created_utc"])}
+            r["context"], hidden = _withhold(ctx, ok)
+            mine = corrections.get(r["id"], [])
+            if hidden:  # the reply and suggestions are targets: they must not repeat them
+                grams = quoted_grams(hidden)
+                r["reply"] = cut_quotes(r["reply"], grams)
+                mine = [{**c, "text": cut_quotes(c["text"], grams)} for c in mine]
+            rated = by_interaction.get(r["id"], [])
+            r["score"] = sum(f["rating"] for f in rated)
+            r["raters"] = [f["user_id"] for f in rated]
+            r["corrections"] = mine
+            out.append(r)
+        return out
 
     def reply_pairs(self, guild_id: int) -> list[dict[str, Any]]:
-        """(parent message, reply) pairs between two different still-consented members."""
-        return self._rows(
+        """(parent message, reply) pairs between two different members opted in now, neither
+        written before its author's last forget or opt-out."""
+        pairs = self._rows(
             "SELECT p.message_id AS parent_id, p.user_id AS parent_user, p.text AS parent_text, "
+            "p.created_utc AS parent_utc, "
             "r.message_id AS reply_id, r.user_id AS reply_user, r.text AS reply_text, "
             "r.created_utc FROM messages r "
             "JOIN messages p ON p.guild_id = r.guild_id AND p.message_id = r.reply_to_message_id "
@@ -1376,6 +1432,13 @@ class Store:
             "JOIN consents cp ON cp.guild_id = p.guild_id AND cp.user_id = p.user_id "
             "WHERE r.guild_id = ? AND r.user_id != p.user_id ORDER BY r.created_utc DESC, "
             "r.message_id DESC", [guild_id])
+        cut = self._cutoffs(guild_id, {p["parent_user"] for p in pairs} |
+                            {p["reply_user"] for p in pairs})
+        if not cut:
+            return pairs
+        return [p for p in pairs
+                if p["parent_utc"] > cut.get(p["parent_user"], "")
+                and p["created_utc"] > cut.get(p["reply_user"], "")]
 
     def examples_since(self, guild_id: int, since_utc: str | None) -> int:
         """New training signal since a time: liked or corrected interactions, and replies

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from bot.handlers import forget_text
 from guildtune.config import parse_config
 from storage import PLACEHOLDER, ConsentChangedError, Store, open_store, utc_now
+from storage.times import format_utc, parse_utc
 from trainer.data import build_dataset
 from trainer.scrub import scrub
 
@@ -545,3 +547,44 @@ def test_forget_leaves_other_members_own_words_and_cuts_quotes_in_suggestions(
     assert "five five" not in row["reply"]
     correction = store.db.execute("SELECT text FROM corrections").fetchone()[0]
     assert "five five" not in correction and correction.startswith("she said")
+
+
+def test_opting_in_again_does_not_bring_back_what_was_withdrawn(store: Store) -> None:
+    alice_id = 123456789012345678
+    store.update_guild_settings(G, learn_from_humans=True)
+    for u in (alice_id, BOB):
+        store.grant_consent(G, u)
+    store.log_interaction(G, 1, alice_id, reply="first reply", reply_message_id=10,
+                          context=_ctx(("user", alice_id, 11, "secret one before opting out")))
+    store.record_feedback(G, 10, alice_id, 1)
+    store.log_interaction(G, 1, BOB, reply="ok", reply_message_id=20,
+                          context=_ctx(("user", alice_id, 21, "secret two in bob's chat"),
+                                       ("user", BOB, 22, "hm")))
+    store.record_feedback(G, 20, alice_id, 1)
+    store.log_message(G, 30, BOB, "question for alice", channel_id=1)
+    store.log_message(G, 31, alice_id, "secret three as a reply", channel_id=1,
+                      reply_to_message_id=30)
+    store.revoke_consent(G, alice_id)
+    store.grant_consent(G, alice_id)  # back: only what she writes from now on
+    later = format_utc(parse_utc(utc_now()) + timedelta(seconds=1))  # no clock races
+    store.log_message(G, 32, alice_id, "new words after", channel_id=1, reply_to_message_id=30,
+                      created_utc=later)
+    dump = json.dumps(store.rated_interactions(G)) + json.dumps(store.reply_pairs(G))
+    for old in ("secret one", "secret two", "secret three"):
+        assert old not in dump, old
+    assert "new words after" in dump
+    rows = store.rated_interactions(G)
+    assert [r["user_id"] for r in rows] == [BOB] and rows[0]["score"] == 0  # her old 👍 gone
+
+
+def test_a_run_whose_lease_was_lost_cannot_publish(store: Store) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from storage import StoreError
+
+    store.grant_consent(G, ALICE)
+    run_id = _running(store)
+    store.recover_stale_runs(datetime.now(UTC) + timedelta(hours=1))  # another worker has it
+    with pytest.raises(StoreError, match="no longer running"):
+        _register(store, 1, {ALICE: 1}, run_id=run_id)
+    assert store.versions(G) == []
