@@ -78,6 +78,7 @@ def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) ->
         replies: dict[int, list[int]] = {g: [] for g in GUILDS}
         counter = 0
         runs: dict[int, tuple[int, str, dict[int, int]]] = {}  # guild -> run in flight
+        left: set[tuple[int, int]] = set()  # (guild, member) who left since the runs started
         for g in GUILDS:
             store.update_guild_settings(g, learn_from_humans=True)
         for ev in stream:
@@ -92,6 +93,7 @@ def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) ->
             elif kind == "revoke":
                 store.revoke_consent(ev[1], ev[2])
                 consented.discard((ev[1], ev[2]))
+                left.add((ev[1], ev[2]))
             elif kind in ("ask", "chat", "correct"):
                 # recent: (author, message id, text, time written)
                 g, u = ev[1], ev[2]
@@ -145,6 +147,7 @@ def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) ->
                 if run is not None:
                     at = utc_now()
                     runs[g] = (run.id, at, _dataset_members(store, g))
+                    left = {x for x in left if x[0] != g}
             elif kind == "run_publish" and ev[1] in runs:
                 g = ev[1]
                 run_id, at, who = runs.pop(g)
@@ -153,9 +156,12 @@ def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) ->
                                            base_model="tiny", lora={}, contributors=who,
                                            run_id=run_id, activate=True, dataset_utc=at)
                     status = "succeeded"
+                    assert not any((g, u) in left for u in who), "kept a run a member left"
                 except ConsentChangedError:
                     status = "rejected"
-                    assert any((g, u) not in consented for u in who), "refused a clean run"
+                    # A member who left during the run (even if back since) makes it unclean.
+                    assert any((g, u) not in consented or (g, u) in left for u in who), \
+                        "refused a clean run"
                 store.finish_run(run_id, status)
             elif kind == "forget":
                 g, u = ev[1], ev[2]
@@ -170,6 +176,7 @@ def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) ->
                                  "AND user_id = ? UNION SELECT 1 FROM feedback WHERE "
                                  "guild_id = ? AND user_id = ?", [gg, u] * 4).fetchone()}
                 report = store.forget_user(u, g)
+                left |= {(gg, u) for gg in scope}
                 # The report is true: every version trained on them, every run in flight.
                 assert set(report.tainted) == trained
                 assert report.in_flight == in_flight
