@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bot.engine import GenerationRequest, LocalEngine  # noqa: E402
+from guildtune.adapter_dir import ADAPTER_WEIGHTS, adapter_meta, write_meta  # noqa: E402
 from guildtune.config import LoraConfig, ModelConfig  # noqa: E402
 from guildtune.models import LoadedModel, build_tiny_tokenizer  # noqa: E402
 
@@ -75,11 +76,11 @@ def write_adapter(root: Path, model: Any, guild: int, version: int) -> Path:
                                                           generator=g) * 0.01
     path = root / str(guild) / str(version)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    save_file(tensors, str(path / ADAPTER_WEIGHTS))
     PeftLoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
                    target_modules=list(TARGETS)).save_pretrained(str(path))
-    (path / "guildtune.json").write_text(json.dumps({
-        "base_model": BASE_ID, "lora": LORA.shape(), "guild_id": guild, "version": version}))
+    write_meta(path, adapter_meta(guild_id=guild, version=version, base_model=BASE_ID,
+                                  lora=LORA.shape()))
     return path
 
 
@@ -170,7 +171,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     adapters = {(g, v): write_adapter(tmp / "adapters", model, g, v)
                 for g in guilds for v in (1, 2)}
     out["adapter_mb"] = round(
-        (adapters[(1, 1)] / "adapter_model.safetensors").stat().st_size / 1e6, 1)
+        (adapters[(1, 1)] / ADAPTER_WEIGHTS).stat().st_size / 1e6, 1)
 
     loaded = LoadedModel(model, build_tiny_tokenizer(), BASE_ID, BASE_ID, torch.device(device),
                          dtype)

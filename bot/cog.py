@@ -18,8 +18,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.handlers import AdapterWatcher, Core, Turn, UserError, consent_statement
+from bot.handlers import AdapterWatcher, Core, Turn, UserError
 from bot.services import Services
+from guildtune.data_statement import consent_statement
 from storage.times import format_utc
 
 log = logging.getLogger(__name__)
@@ -323,12 +324,10 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         s = self.services
         sched = s.scheduler
         if sched is None:
-            try:
-                from trainer.schedule import make_scheduler
-            except ImportError as exc:
-                log.error("scheduler unavailable (%s): no retention purge, no scheduled "
-                          "retrains", exc)
-                return
+            # The one import of trainer/ left in bot/ (tests/test_import_graph.py allow-lists
+            # it): nothing hands the extension a scheduler yet (bot.setup, build_services).
+            from trainer.schedule import make_scheduler
+
             try:
                 sched = make_scheduler(s.store, s.config, asyncio=True)
             except Exception:  # chat must keep working without the scheduler

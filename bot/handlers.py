@@ -23,6 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 from bot.engine import AdapterError, GenerationRequest, GenerationResult
 from bot.services import Services
+from guildtune.data_statement import consent_statement  # noqa: F401 - re-exported (bot.console)
+from guildtune.policy import OPERATOR_OFF, SYNC_JOB, explain, operator_block, training_block
 from guildtune.prompting import merge_turns
 from storage.store import StoreBusyError, StoreFullError
 from storage.times import to_utc
@@ -37,39 +39,8 @@ SETTINGS_TTL_S = 30.0
 CHARS_PER_TOKEN = 3  # conservative: the engine truncates exactly, this only keeps prompts sane
 FENCE_LANG_MAX = 24  # a reopened code fence keeps its language only when it looks like one
 
-OPERATOR_TRAINING_OFF = (
-    "Training is switched off by the bot's operator (`training.enabled = false` in the config). "
-    "Discord's Developer Policy forbids using message content to train AI models unless Discord "
-    "has granted express permission, and members opting in does not replace that permission. "
-    "The operator has to hold it before enabling training; until then the bot chats with the "
-    "base model and nothing is trained."
-)
-
-
-def consent_statement(guild_name: str, cfg: Any) -> str:
-    """The plain-words data statement shown by /consent (Red's end-user data statement); the
-    README's data statement says the same at length."""
-    days = cfg.privacy.retention_days
-    keep = f"for {days} days" if days > 0 else "until you or an admin delete it"
-    when = ("at once" if cfg.training.withdraw_at_once else
-            "when the next training run ends")
-    return (
-        f"**What guildtune stores in {guild_name}, only if you opt in** (and only what you write "
-        "from then on)\n"
-        "• Your messages that the bot answered, the conversation around them, and the bot's "
-        "replies.\n"
-        "• Your 👍/👎 on the bot's replies and any better reply you suggest.\n"
-        "• If this server's admins turn on learning from members, your replies to other "
-        "opted-in members.\n"
-        "**What for:** to tune this server's own version of the model (only when the server's "
-        "admins and the bot's operator both enabled training). Nothing is shared with other "
-        "servers.\n"
-        f"**How long:** {keep}. `/mydata` sends you a copy. Opting out stops storage and "
-        "training on what was stored; `/forget` deletes everything, and model versions that "
-        f"learned from it stop being used {when} and are retrained without it.\n"
-        "If you do not opt in, nothing of yours is stored: in stored conversations your words "
-        "are replaced by a placeholder, and cut from the bot's replies that repeat them."
-    )
+# What an admin refused by the operator's switch is told (guildtune.policy).
+OPERATOR_TRAINING_OFF = explain(OPERATOR_OFF)
 
 
 def forget_text(rep: Any) -> str:
@@ -327,12 +298,13 @@ class StatusReport:
     TAINT_REASON = "trained on data of a member who was forgotten or opted out"
 
     @staticmethod
-    def taint(active: Any, versions: Sequence[Any], open_run: Any, *,
-              operator_training: bool, guild_training: bool) -> dict[str, Any] | None:
+    def taint(active: Any, versions: Sequence[Any], open_run: Any, *, cfg: Any,
+              settings: Any) -> dict[str, Any] | None:
         """What every status surface (/tune status, the console, ``guildtune status``) says of
         a tainted active version, as JSON-able facts and one ``replacement`` sentence: which
-        run will replace it and whether it can, else that the guild stays on it, and the
-        newest clean version a rollback returns to. None when the active version is clean."""
+        run will replace it and whether it can (``guildtune.policy.training_block`` for the
+        guild's ``settings``), else that the guild stays on it, and the newest clean version a
+        rollback returns to. None when the active version is clean."""
         if active is None or active.tainted_utc is None:
             return None
         v = active.version
@@ -346,13 +318,14 @@ class StatusReport:
             text = (f"retrain run #{open_run.id} is running: v{v} stays active until it "
                     "publishes a clean version")
         else:
-            off = ("the operator" if not operator_training else
-                   None if guild_training or open_run.force else "this server")
-            text = (f"retrain run #{open_run.id} is queued, but training is off ({off}), so "
-                    f"it will fail: the guild stays on v{v} until a retrain succeeds or an "
-                    "admin rolls back" if off else
-                    f"retrain run #{open_run.id} is queued: v{v} stays active until a worker "
-                    "trains it and publishes a clean version")
+            off = training_block(cfg, settings, open_run.force)
+            if off is not None:
+                text = (f"retrain run #{open_run.id} is queued, but {off}, so it will fail: "
+                        f"the guild stays on v{v} until a retrain succeeds or an admin rolls "
+                        "back")
+            else:
+                text = (f"retrain run #{open_run.id} is queued: v{v} stays active until a "
+                        "worker trains it and publishes a clean version")
         text += (f"; newest clean version: v{fallback} (a rollback returns to it)"
                  if fallback is not None else "; no clean version: a rollback returns to the "
                  "base model")
@@ -640,13 +613,13 @@ class Core:
         gs = await self._db(store.guild_settings, guild_id)
         active = await self._db(store.active_version, guild_id)
         runs = await self._db(store.runs, guild_id, 10)
-        op = self.s.config.training.enabled
+        cfg = self.s.config
+        op = operator_block(cfg) is None
         tainted = None
         if active is not None and active.tainted_utc is not None:
             tainted = StatusReport.taint(
                 active, await self._db(store.versions, guild_id),
-                await self._db(store.open_run, guild_id), operator_training=op,
-                guild_training=gs.training_enabled)
+                await self._db(store.open_run, guild_id), cfg=cfg, settings=gs)
         last = next((r for r in runs if r.status in ("succeeded", "failed", "rejected")), None)
         if last is None:
             last_text = "none yet"
@@ -681,15 +654,17 @@ class Core:
             examples_since=int(stats.get("examples_since_active") or 0),
             likes=int(stats.get("likes") or 0), dislikes=int(stats.get("dislikes") or 0),
             consented_users=int(stats.get("consented_users") or 0), last_run=last_text,
-            running=running, next_run=self._next_run(schedule, op and gs.training_enabled),
+            running=running,
+            next_run=self._next_run(schedule, training_block(cfg, gs) is None),
             schedule=schedule, chart_png=png, tainted=tainted)
 
     async def _require_training(self, guild_id: int) -> None:
-        if not self.s.config.training.enabled:
-            raise UserError(OPERATOR_TRAINING_OFF)
-        if not (await self._db(self.s.store.guild_settings, guild_id)).training_enabled:
-            raise UserError("Training is off for this server: turn it on with "
-                            "`/tune training on` first.")
+        """UserError with ``guildtune.policy``'s reason when the guild may not train now (the
+        operator's refusal with Discord's policy behind it)."""
+        gs = await self._db(self.s.store.guild_settings, guild_id)
+        reason = training_block(self.s.config, gs)
+        if reason is not None:
+            raise UserError(explain(reason))
 
     async def retrain(self, guild_id: int, user_id: int) -> str:
         """Queue a training run now, at most once per cooldown."""
@@ -721,8 +696,9 @@ class Core:
 
     async def set_training(self, guild_id: int, on: bool) -> str:
         """Turn training on/off for the guild (refused while the operator has it off)."""
-        if on and not self.s.config.training.enabled:
-            raise UserError(OPERATOR_TRAINING_OFF)
+        reason = operator_block(self.s.config)
+        if on and reason is not None:
+            raise UserError(explain(reason))
         await self._update(guild_id, training_enabled=on)
         await self._reschedule()
         if on:
@@ -743,20 +719,21 @@ class Core:
         await self._update(guild_id, schedule=crontab)
         await self._reschedule()
         gs = await self.settings(guild_id)
-        nxt = self._next_run(crontab, self.s.config.training.enabled and gs.training_enabled)
+        nxt = self._next_run(crontab, training_block(self.s.config, gs) is None)
         return f"Schedule set to `{crontab}` (UTC). Next run: {nxt}."
 
     async def _reschedule(self) -> None:
         """Apply a changed schedule or training switch to the running scheduler now (it also
-        re-reads the settings by itself every few minutes)."""
-        if self.s.scheduler is None:
+        re-reads the settings by itself every few minutes): run the scheduler's own sync job
+        (``guildtune.policy.SYNC_JOB``). A scheduler without it (training off by the operator:
+        no training jobs to move) has nothing to apply."""
+        get_job = getattr(self.s.scheduler, "get_job", None)
+        if get_job is None:
             return
         try:
-            from trainer.schedule import sync_jobs
-        except ImportError:
-            return
-        try:
-            await asyncio.to_thread(sync_jobs, self.s.scheduler, self.s.store, self.s.config)
+            job = get_job(SYNC_JOB)
+            if job is not None:
+                await asyncio.to_thread(job.func, *job.args, **job.kwargs)
         except Exception:  # the setting is saved; the scheduler's own sync picks it up later
             log.exception("rescheduling training jobs failed")
 

@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .cli_types import discord_id
 from .config import Config, ConfigError, load_config
+from .policy import explain, operator_block
 
 log = logging.getLogger("guildtune")
 
@@ -71,10 +72,8 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     print(f"data dir: {cfg.data_dir}")
     print(f"database: {cfg.db_path} (schema up to date)")
     print(f"config:   {cfg.source}")
-    print(f"training: {'enabled' if cfg.training.enabled else 'disabled'} by the operator"
-          + ("" if cfg.training.enabled else
-             " (set training.enabled = true once Discord has allowed training on message "
-             "content)"))
+    off = operator_block(cfg)
+    print(f"training: {'enabled by the operator' if off is None else explain(off)}")
     return 0
 
 
@@ -92,17 +91,16 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             s = store.guild_stats(g)
             active = store.active_version(g)
             s["active_tainted"] = None if active is None or active.tainted_utc is None else \
-                StatusReport.taint(active, store.versions(g), store.open_run(g),
-                                   operator_training=cfg.training.enabled,
-                                   guild_training=store.guild_settings(g).training_enabled)
+                StatusReport.taint(active, store.versions(g), store.open_run(g), cfg=cfg,
+                                   settings=store.guild_settings(g))
             stats.append(s)
     finally:
         store.close()
     if args.json:
         _print_json({"data_dir": str(cfg.data_dir), "guilds": stats})
         return 0
-    print(f"data dir {cfg.data_dir}; training "
-          f"{'enabled' if cfg.training.enabled else 'disabled'} by the operator")
+    print(f"data dir {cfg.data_dir}; "
+          f"{operator_block(cfg) or 'training is enabled by the operator'}")
     if not stats:
         print("no guilds yet")
         return 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from guildtune.cli_types import discord_id
 from guildtune.config import Config
+from guildtune.policy import operator_block
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.schedule import make_scheduler
     from trainer.worker import run_worker_process
 
-    if not cfg.training.enabled:
-        log.warning("training.enabled = false: queued runs will fail at once")
+    off = operator_block(cfg)
+    if off is not None:
+        log.warning("%s: queued runs will fail at once", off)
     store = _store(cfg)
     scheduler = None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +25,33 @@ class ConfigError(ValueError):
     """A configuration mistake, worded as one line for the operator."""
 
 
+# What a secret looks like, to keep it out of error messages (which reach terminals, logs and
+# bug reports): a Discord bot token or a JWT (three dot-separated base64 parts), the usual API key
+# prefixes (OpenAI, Stripe, GitHub, Slack, Hugging Face, AWS), or one long unbroken run of
+# letters and digits. A config value is a number, a name, a path or a URL, none of which look so.
+_SECRET_LIKE = re.compile(
+    r"[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{16,}"
+    r"|(?<![A-Za-z0-9])(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}"
+    r"|(?<![A-Za-z0-9])(?:gh[pousr]_|github_pat_|hf_|xox[abprs]-)[A-Za-z0-9_-]{10,}"
+    r"|(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|(?=[A-Za-z]*[0-9])(?=[0-9]*[A-Za-z])[A-Za-z0-9]{32,}")
+REDACTED = "<redacted: looks like a token>"
+
+
+def looks_like_secret(text: str) -> bool:
+    """Whether ``text`` holds something shaped like a token or an API key."""
+    return _SECRET_LIKE.search(text) is not None
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message shows it: its repr, unless it looks like a secret."""
+    text = repr(value)
+    return REDACTED if looks_like_secret(text) else text
+
+
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"config: {key} = {value!r} is not allowed: {allowed}")
+        raise ConfigError(f"config: {key} = {_shown(value)} is not allowed: {allowed}")
 
 
 def _positive(key: str, value: float) -> None:
@@ -180,9 +205,12 @@ class TrainingConfig:
         try:
             CronTrigger.from_crontab(self.schedule, timezone="UTC")
         except ValueError as exc:
+            # APScheduler's reason quotes the field it rejected: a piece of a pasted token.
+            secret = looks_like_secret(self.schedule) or looks_like_secret(str(exc))
+            detail = "" if secret else f" ({exc})"
             raise ConfigError(
-                f"config: training.schedule = {self.schedule!r} is not allowed: a 5-field "
-                f"crontab in UTC such as \"0 4 * * *\" ({exc})"
+                f"config: training.schedule = {_shown(self.schedule)} is not allowed: a 5-field "
+                f"crontab in UTC such as \"0 4 * * *\"{detail}"
             ) from None
         _positive("training.min_new_examples", self.min_new_examples)
         _positive("training.epochs", self.epochs)

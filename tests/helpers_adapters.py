@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from guildtune import adapter_dir
 from guildtune.config import LoraConfig
 from guildtune.models import TINY_BASE_ID
 
@@ -15,10 +15,10 @@ TINY_LORA = LoraConfig(rank=4, alpha=8, dropout=0.0)
 
 def write_meta(path: Path, *, guild_id: int, version: int, base_model: str = TINY_BASE_ID,
                lora: dict[str, Any] | None = None) -> None:
-    """Write the publisher's guildtune.json next to an adapter."""
-    meta = {"base_model": base_model, "lora": lora if lora is not None else TINY_LORA.shape(),
-            "guild_id": guild_id, "version": version}
-    (path / "guildtune.json").write_text(json.dumps(meta), encoding="utf-8")
+    """Write the publisher's guildtune.json next to an adapter (the fields the engines check)."""
+    adapter_dir.write_meta(path, adapter_dir.adapter_meta(
+        guild_id=guild_id, version=version, base_model=base_model,
+        lora=lora if lora is not None else TINY_LORA.shape()))
 
 
 class AdapterFactory:

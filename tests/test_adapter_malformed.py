@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from helpers_adapters import TINY_LORA
 
-from bot.engine import AdapterError, validate_adapter_dir
 from bot.handlers import AdapterWatcher
+from guildtune.adapter_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterError,
+                                   adapter_meta, validate_adapter_dir)
 from guildtune.models import TINY_BASE_ID
 from tests.fakes import FakeEngine, make_services
 
@@ -50,8 +51,8 @@ def peft_config(**over: Any) -> dict[str, Any]:
 
 
 def guildtune_meta(**over: Any) -> dict[str, Any]:
-    return {"base_model": TINY_BASE_ID, "lora": TINY_LORA.shape(), "guild_id": G, "version": V,
-            **over}
+    return {**adapter_meta(guild_id=G, version=V, base_model=TINY_BASE_ID,
+                           lora=TINY_LORA.shape()), **over}
 
 
 def write_adapter(path: Path, *, weights: bytes | None = None, config: Any = None,
@@ -64,9 +65,9 @@ def write_adapter(path: Path, *, weights: bytes | None = None, config: Any = Non
         (path / name).write_bytes(value if isinstance(value, bytes)
                                   else json.dumps(value).encode("utf-8"))
 
-    put("adapter_model.safetensors", weights, safetensors_bytes())
-    put("adapter_config.json", config, peft_config())
-    put("guildtune.json", meta, guildtune_meta())
+    put(ADAPTER_WEIGHTS, weights, safetensors_bytes())
+    put(ADAPTER_CONFIG, config, peft_config())
+    put(META_FILE, meta, guildtune_meta())
     return path
 
 
@@ -208,7 +209,7 @@ def test_the_hand_written_adapter_is_valid(tmp_path: Path) -> None:
     assert validate(p) == p
     # ...and the real safetensors loader reads the same bytes.
     safetensors = pytest.importorskip("safetensors")
-    with safetensors.safe_open(str(p / "adapter_model.safetensors"), "np") as f:
+    with safetensors.safe_open(str(p / ADAPTER_WEIGHTS), "np") as f:
         assert sorted(f.keys()) == sorted([A_KEY, B_KEY])
 
 
@@ -233,7 +234,7 @@ def test_format_refusals_agree_with_the_safetensors_loader(case: str, tmp_path: 
     safetensors = pytest.importorskip("safetensors")
     p = write_adapter(tmp_path / "bad", **CASES[case])
     with pytest.raises(safetensors.SafetensorError), \
-            safetensors.safe_open(str(p / "adapter_model.safetensors"), "np") as f:
+            safetensors.safe_open(str(p / ADAPTER_WEIGHTS), "np") as f:
         for k in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
             f.get_tensor(k)
 

@@ -120,7 +120,8 @@ async def test_training_schedule_retrain_status_rollback(env) -> None:
     bot, cog, s = env
     i = inter(bot, ADMIN)
     await cog.tune_retrain.callback(cog, i, )
-    assert "turn it on" in i.text  # guild training is off by default
+    assert i.text == (f"Training is off for this server (guild {G}) until an admin turns it "
+                      "on with `/tune training on`.")  # guild training is off by default
     i = inter(bot, ADMIN)
     await cog.tune_training.callback(cog, i, "on")
     assert "Training is on" in i.text and s.store.guild_settings(G).training_enabled

@@ -53,7 +53,7 @@ async def test_console_chat_rate_retrain_and_new_version(tmp_path) -> None:
     assert s.store.guild_stats(g)["likes"] == 1
 
     stdin.feed("/tune retrain")
-    await wait_for(out, "turn it on")
+    await wait_for(out, "until an admin turns it on with `/tune training on`")
     mark = len(out.getvalue())
     stdin.feed("/tune training on", "/tune retrain")
     await wait_for(out, "queued as run #", mark)

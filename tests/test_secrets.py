@@ -6,10 +6,13 @@ from __future__ import annotations
 from storage.times import utc_now
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
+import tomllib
 import traceback
+import typing
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,9 @@ import pytest
 from discord.ext import commands
 
 from bot.console import EchoEngine, run_console
-from bot.engine import AdapterError
+from bot.engine import AdapterError, validate_adapter_dir
 from bot.handlers import AdapterWatcher, Core, Turn
-from guildtune.config import ConfigError, load_config, parse_config
+from guildtune.config import REDACTED, Config, ConfigError, load_config, parse_config
 from storage import open_store
 from storage.store import StoreBusyError
 from tests.fakes import FakeEngine, FakeInteraction, FakeUser
@@ -66,6 +69,9 @@ def test_config_holds_the_token_but_never_shows_it(cfg_file: Path) -> None:
     ('[discord]\ntoken = "{tok}"\n', "must not be in the file"),
     ('[discord]\nuser_rate_per_minute = "{tok}"\n', "user_rate_per_minute"),
     ('[nope]\nx = "{tok}"\n', "unknown section"),
+    ('discord = "{tok}"\n', r"\[discord\]"),
+    ('[training]\nschedule = "{tok} * * * *"\n', "training.schedule"),
+    ('[training]\nschedule = "* * * * {tok}"\n', "training.schedule"),
 ])
 def test_config_errors_do_not_echo_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              toml: str, match: str) -> None:
@@ -75,8 +81,85 @@ def test_config_errors_do_not_echo_the_token(tmp_path: Path, monkeypatch: pytest
     path.write_text(toml.format(tok=TOKEN))
     with pytest.raises(ConfigError, match=match) as err:
         load_config(path)
-    if "token" in toml.split("=")[0]:
-        assert_clean(str(err.value), repr(err.value))
+    assert_clean(str(err.value), repr(err.value))
+    assert "\n" not in str(err.value) and TOKEN[:6] not in str(err.value)
+
+
+def _every_config_key() -> list[tuple[str, str, Any]]:
+    """(section, key, type) for every field of every config section, the token included."""
+    out = []
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        cls = section.default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        out += [(section.name, f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+    return out
+
+
+def _wrong_typed_token(tp: Any) -> Any:
+    """The token as a value of the wrong type for ``tp``: a bare string where a list, a number,
+    a switch or one of a few words belongs; a list holding it where a string belongs."""
+    return [TOKEN] if tp is str else TOKEN
+
+
+def test_every_key_of_config_example_is_covered() -> None:
+    example = tomllib.loads(
+        (Path(__file__).parent.parent / "config.example.toml").read_text(encoding="utf-8"))
+    keys = {(s, k) for s, k, _ in _every_config_key()}
+    assert {(s, k) for s, table in example.items() for k in table} <= keys
+    assert len(keys) > 50
+
+
+@pytest.mark.parametrize("section, key, tp", _every_config_key(),
+                         ids=[f"{s}.{k}" for s, k, _ in _every_config_key()])
+def test_no_config_error_echoes_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        section: str, key: str, tp: Any) -> None:
+    """A token pasted into any key, as a value of the wrong type: the error names the key and
+    what is allowed, on one line, and shows the value redacted."""
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{section}]\n{key} = {json.dumps(_wrong_typed_token(tp))}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert_clean(msg, repr(err.value))
+    assert f"{section}.{key}" in msg and "\n" not in msg, msg
+    if (section, key) != ("discord", "token"):  # that one says where the token belongs
+        assert f"= {REDACTED} is not allowed: " in msg, msg
+
+
+# String keys whose validation refuses a token-shaped string (the others take any string).
+REFUSE_A_TOKEN = {("discord", "token"), ("model", "device"), ("model", "vllm_url"),
+                  ("training", "schedule")}
+
+
+@pytest.mark.parametrize("section, key", [(s, k) for s, k, tp in _every_config_key() if tp is str],
+                         ids=[f"{s}.{k}" for s, k, tp in _every_config_key() if tp is str])
+def test_a_token_in_a_string_key_loads_or_fails_without_echo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str, key: str) -> None:
+    """The right type but a token for a value: the keys that refuse it do not show it."""
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{section}]\n{key} = {json.dumps(TOKEN)}\n")
+    if (section, key) not in REFUSE_A_TOKEN:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert_clean(msg, repr(err.value))
+    assert f"{section}.{key}" in msg and "\n" not in msg and TOKEN[:6] not in msg, msg
+
+
+def test_ordinary_values_are_still_shown_in_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[model]\ndevice = "gpu0"\nmax_new_tokens = "many"\n')
+    with pytest.raises(ConfigError, match=r"model\.max_new_tokens = 'many' is not allowed"):
+        load_config(path, env={})
+    path.write_text('[model]\ndevice = "gpu0"\n')
+    with pytest.raises(ConfigError, match=r"model\.device = 'gpu0' is not allowed: one of"):
+        load_config(path, env={})
 
 
 async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_path: Path,
@@ -177,9 +260,20 @@ def test_forced_store_busy_and_adapter_errors(cfg_file: Path, tmp_path: Path,
         blocker.rollback()
         blocker.close()
         store.close()
-    err = AdapterError(f"cannot load {tmp_path}/adapters/5/v1")
+    # Adapter refusals as the engine's validator words them: a version directory that is gone
+    # and one without its publisher metadata.
+    adapter_errors = []
+    empty = cfg.adapters_dir / "5" / "v2"
+    empty.mkdir(parents=True)
+    for version, path in ((1, cfg.adapters_dir / "5" / "v1"), (2, empty)):
+        with pytest.raises(AdapterError) as refused:
+            validate_adapter_dir(path, guild_id=5, version=version, base_id="tiny",
+                                 lora_shape=cfg.lora.shape())
+        assert str(path) in str(refused.value)
+        adapter_errors += [str(refused.value), repr(refused.value)]
+    assert "is locked by another process" in str(busy.value)
     assert_clean(str(busy.value), repr(busy.value), "".join(traceback.format_exception(
-        busy.value)), str(err), repr(err), caplog.text)
+        busy.value)), *adapter_errors, caplog.text)
 
 
 async def test_command_failure_is_logged_without_the_token(cfg_file: Path,

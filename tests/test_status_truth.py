@@ -10,7 +10,7 @@ import pytest
 
 from bot.handlers import Core, StatusReport
 from guildtune.cli import main
-from guildtune.config import load_config
+from guildtune.config import load_config, parse_config
 from storage import Store, open_store
 from tests.fakes import make_services
 
@@ -55,7 +55,8 @@ def test_cli_status_marks_the_tainted_version_and_the_retrain_that_cannot_run(
     assert main(["--config", str(cfg_file), "status"]) == 0
     out = capsys.readouterr().out
     assert "v2 (tainted)" in out and TAINTED in out
-    assert f"retrain run #{run_id} is queued, but training is off (the operator)" in out
+    assert (f"retrain run #{run_id} is queued, but training is disabled by the bot's operator "
+            "(`training.enabled = false` in the config), so it will fail") in out
     assert "newest clean version: v1" in out
 
     assert main(["--config", str(cfg_file), "status", "--json"]) == 0
@@ -97,14 +98,15 @@ def test_without_an_open_run_the_guild_stays_on_the_tainted_version(store: Store
     tainted_guild(store)
     run = store.open_run(G)
     assert run is not None
-    t = StatusReport.taint(store.active_version(G), store.versions(G), None,
-                           operator_training=True, guild_training=True)
+    on = parse_config({"training": {"enabled": True}}, env={})
+    t = StatusReport.taint(store.active_version(G), store.versions(G), None, cfg=on,
+                           settings=store.guild_settings(G))
     assert t is not None and t["retrain_run"] is None
     assert t["replacement"].startswith("no retrain queued: the guild stays on v2 until a "
                                        "retrain succeeds")
     clean = store.get_version(G, 1)
-    assert StatusReport.taint(clean, store.versions(G), run, operator_training=True,
-                              guild_training=True) is None
+    assert StatusReport.taint(clean, store.versions(G), run, cfg=on,
+                              settings=store.guild_settings(G)) is None
 
 
 def test_worker_once_exits_1_and_names_each_failed_run(
@@ -116,7 +118,8 @@ def test_worker_once_exits_1_and_names_each_failed_run(
 
     assert main(["--config", str(cfg_file), "worker", "--once"]) == 1
     out, err = capsys.readouterr()
-    assert f"run {run_id} (guild {G}) failed: training is off for guild {G}" in err
+    assert (f"run {run_id} (guild {G}) failed: training is off for this server (guild {G}) "
+            "until an admin turns it on with `/tune training on`") in err
     assert "handled 1 run(s), 1 failed" in out
 
     assert main(["--config", str(cfg_file), "worker", "--once"]) == 0  # nothing left: fine

@@ -59,7 +59,7 @@ def setup(tmp_path: Path) -> tuple[Config, Path]:
 
 def test_train_eval_rollback(setup: tuple[Config, Path], capsys: pytest.CaptureFixture) -> None:
     cfg, f = setup
-    with pytest.raises(SystemExit, match="training is off for guild"):
+    with pytest.raises(SystemExit, match="training is off for this server"):
         run(["train", "--guild", str(G), "--model", "tiny"], cfg)
     assert run(["train", "--guild", str(G), "--force", "--model", "tiny"], cfg) == 0
     out = capsys.readouterr().out

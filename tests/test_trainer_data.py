@@ -6,6 +6,7 @@ from storage.times import utc_now
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,31 +189,70 @@ def test_encode_labels_only_the_final_assistant_turn() -> None:
     assert len(short.ids) == 16 and short.labels[-1] != IGNORE
 
 
-def test_preference_term_uses_disliked_replies(tmp_path: Path) -> None:
+def _pref_ex(i: int, kind: str) -> Example:
+    return Example((("system", "s"), ("user", f"question {i}"),
+                    ("assistant", f"{'good' if kind == 'liked' else 'bad'} answer {i}")), kind, i)
+
+
+LIKED = [_pref_ex(i, "liked") for i in range(8)]
+DISLIKED = [_pref_ex(i, "disliked") for i in range(4)]
+
+
+def _fit_tiny(tmp_path: Path, *, preference_loss: bool, negatives: list[Example]
+              ) -> tuple[dict[str, Any], float, Any]:
+    """A fresh tiny model fitted for a few steps (fixed seed, no dropout, one thread): the
+    adapter's weights, the summed log-likelihood of the disliked replies under it, the model."""
     import torch
 
     from guildtune.models import load_model
-    from trainer.fit import collate, encode_all, fit, kto_loss
+    from trainer.fit import collate, encode_all, fit, token_nll
 
     torch.set_num_threads(1)
     cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
-                        "lora": {"rank": 4, "alpha": 8},
-                        "training": {"enabled": True, "max_steps": 3, "epochs": 3.0, "batch_size": 4,
-                                     "preference_loss": True, "preference_weight": 1.0}})
+                        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+                        "training": {"enabled": True, "max_steps": 4, "epochs": 3.0,
+                                     "batch_size": 4, "seed": 3,
+                                     "preference_loss": preference_loss,
+                                     "preference_weight": 1.0}})
+    lm = load_model("tiny")  # fit wraps the model in place: a fresh one for every fit
+    res = fit(lm.model, lm.tokenizer, LIKED, cfg, negatives=negatives)
+    assert res.steps == 4 and all(torch.isfinite(torch.tensor(res.losses)))
+    weights = {n: p.detach().clone() for n, p in res.model.named_parameters() if "lora_" in n}
+    ids, att, labels, _ = collate(encode_all(lm.tokenizer, DISLIKED, 64),
+                                  lm.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        nll, _ = token_nll(res.model, ids, att, labels)
+    return weights, -float(nll.sum()), res.model
 
-    def ex(i: int, kind: str) -> Example:
-        return Example((("system", "s"), ("user", f"question {i}"),
-                        ("assistant", f"{'good' if kind == 'liked' else 'bad'} answer {i}")),
-                       kind, i)
 
-    lm = load_model("tiny")
-    res = fit(lm.model, lm.tokenizer, [ex(i, "liked") for i in range(8)], cfg,
-              negatives=[ex(i, "disliked") for i in range(4)])
-    assert res.steps == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    items = encode_all(lm.tokenizer, [ex(0, "liked"), ex(1, "disliked")], 64)
-    batch = collate(items, lm.tokenizer.pad_token_id, torch.device("cpu"))
-    value = kto_loss(res.model, batch, torch.tensor([True, False]), beta=0.1)
+def test_preference_term_uses_disliked_replies(tmp_path: Path) -> None:
+    """With training.preference_loss, the disliked replies passed to fit change the adapter and
+    make those replies less likely; without it they change nothing."""
+    import torch
+
+    from guildtune.models import build_tiny_tokenizer
+    from trainer.fit import collate, encode_all, kto_loss
+
+    def max_change(a: dict[str, Any], b: dict[str, Any]) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    w_neg, lp_neg, model = _fit_tiny(tmp_path, preference_loss=True, negatives=DISLIKED)
+    w_none, lp_none, _ = _fit_tiny(tmp_path, preference_loss=True, negatives=[])
+    assert max_change(w_neg, w_none) > 0, "fit ignored the disliked replies"
+    assert lp_neg < lp_none - 0.05, (lp_neg, lp_none)  # pushed down, not merely changed
+
+    w_off_neg, lp_off_neg, _ = _fit_tiny(tmp_path, preference_loss=False, negatives=DISLIKED)
+    w_off_none, lp_off_none, _ = _fit_tiny(tmp_path, preference_loss=False, negatives=[])
+    assert max_change(w_off_neg, w_off_none) == 0 and lp_off_neg == lp_off_none, \
+        "disliked replies changed the fit although training.preference_loss is false"
+
+    # The term itself: a value in (0, 1) whose gradient reaches the adapter's weights.
+    tok = build_tiny_tokenizer()
+    batch = collate(encode_all(tok, [LIKED[0], DISLIKED[1]], 64), tok.pad_token_id,
+                    torch.device("cpu"))
+    value = kto_loss(model, batch, torch.tensor([True, False]), beta=0.1)
     assert 0 < float(value) < 1
-    value.backward()  # the term reaches the adapter's weights
+    value.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in res.model.named_parameters() if "lora_" in n)
+               for n, p in model.named_parameters() if "lora_" in n)

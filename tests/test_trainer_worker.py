@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from guildtune.config import Config, parse_config
+from guildtune.policy import GUILD_OFF
 from storage import Store, open_store
 from trainer.pipeline import OPERATOR_DISABLED, train_guild
 from trainer.schedule import enqueue_due, make_scheduler
@@ -129,7 +130,7 @@ def test_guild_gate_unless_forced(tmp_path: Path) -> None:
     store.update_guild_settings(G, training_enabled=False)
     run_id, _ = store.enqueue_run(G, "manual")
     run_worker(cfg, once=True)
-    assert "training is off for guild" in store.get_run(run_id).error
+    assert store.get_run(run_id).error == GUILD_OFF.format(guild_id=G)
 
 
 def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None:
@@ -176,12 +177,20 @@ def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     sched = make_scheduler(store, cfg, asyncio=False, background=True)
     job = sched.get_job(RETENTION_JOB)
     assert job is not None
-    assert purge_expired(store, cfg) == {"interactions": 1, "messages": 0}
+    # The job is the purge with this store and config, daily at 03:30 UTC.
+    assert job.func is purge_expired
+    assert job.args == (store, cfg) and job.kwargs == {}
+    assert str(job.trigger) == "cron[hour='3', minute='30']"
+    # Run it as APScheduler would: the old row goes, the new one stays.
+    assert job.func(*job.args, **job.kwargs) == {"interactions": 1, "messages": 0}
     assert [r["reply"] for r in store.rated_interactions(1)] == ["new"]
     off = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 0}},
                        env={})
     # retention_days = 0 keeps all history, but the job still runs: it also deletes the files
     # of adapter versions withdrawn by a forget.
-    assert make_scheduler(store, off, asyncio=False, background=True).get_job(RETENTION_JOB)
-    assert purge_expired(store, off) == {}
+    job_off = make_scheduler(store, off, asyncio=False, background=True).get_job(RETENTION_JOB)
+    assert job_off is not None and job_off.func is purge_expired
+    assert job_off.args == (store, off) and job_off.kwargs == {}
+    assert job_off.func(*job_off.args, **job_off.kwargs) == {}
+    assert [r["reply"] for r in store.rated_interactions(1)] == ["new"]
     store.close()

@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from bot.engine import AdapterError, EngineError, GenerationRequest, create_engine
-from bot.vllm_engine import VllmEngine
+from bot.engine.vllm import VllmEngine
+from guildtune.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from guildtune.config import ModelConfig
 from helpers_adapters import TINY_LORA, write_meta
 
@@ -103,15 +104,14 @@ def fake_adapter(root: Path, guild: int, version: int, rank: int = TINY_LORA.ran
     """An adapter dir that passes validation, written without torch."""
     p = root / str(guild) / str(version)
     p.mkdir(parents=True)
-    (p / "adapter_config.json").write_text(json.dumps({
+    (p / ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": TINY_LORA.alpha,
         "target_modules": list(TINY_LORA.target_modules)}))
     header = json.dumps({"base_model.model.layers.0.q_proj.lora_A.weight":
                          {"dtype": "F32", "shape": [rank, 2], "data_offsets": [0, rank * 8]}})
     raw = header.encode()
     raw += b" " * (-len(raw) % 8)
-    (p / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw
-                                                  + b"\0" * rank * 8)
+    (p / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * rank * 8)
     write_meta(p, guild_id=guild, version=version, base_model=BASE)
     return p
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from guildtune.policy import OPERATOR_OFF, training_block
+
 if TYPE_CHECKING:
     from guildtune.config import Config
     from guildtune.models import LoadedModel
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OPERATOR_DISABLED = "training is disabled by the operator (training.enabled = false)"
+OPERATOR_DISABLED = OPERATOR_OFF  # the name the trainer's callers know (guildtune.policy)
 
 
 class TrainingError(RuntimeError):
@@ -32,12 +34,11 @@ class TrainResult:
 
 
 def check_allowed(store: Store, cfg: Config, guild_id: int, force: bool) -> None:
-    """The operator's gate (config) always applies; the guild admin's gate unless forced."""
-    if not cfg.training.enabled:
-        raise TrainingError(OPERATOR_DISABLED)
-    if not force and not store.guild_settings(guild_id).training_enabled:
-        raise TrainingError(f"training is off for guild {guild_id} (an admin turns it on with "
-                            "/tune training on, or force the run)")
+    """Raise TrainingError with ``guildtune.policy.training_block``'s reason when the guild
+    may not train (the operator's gate always, the guild admin's unless forced)."""
+    reason = training_block(cfg, store.guild_settings(guild_id), force)
+    if reason is not None:
+        raise TrainingError(reason)
 
 
 def load_base(cfg: Config, model_name: str | None = None) -> LoadedModel:

@@ -4,19 +4,20 @@
 fsynced in a hidden temp dir beside it first, so a reader (the engine) sees either no directory
 or a complete one. The registry row (with contributors) is written and activated in one store
 transaction after the rename; a crash between the two leaves an unregistered directory, which
-the next publish of that version number moves out of the way.
+the next publish of that version number moves out of the way. What the directory holds (file
+names, metadata) is guildtune/adapter_dir.py's contract, which the engines validate against.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage.store import fsync_path, utc_now
+from guildtune.adapter_dir import adapter_meta, fsync_path, write_meta, write_snapshot
+from storage.store import utc_now
 
 if TYPE_CHECKING:
     from guildtune.config import Config
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-META_FILE = "guildtune.json"
-SNAPSHOT_FILE = "config_snapshot.json"
 TMP_PREFIX = ".tmp-"
 
 
@@ -56,7 +55,8 @@ def clean_temp_dirs(cfg: Config, guild_id: int | None = None) -> int:
 
 def write_version_dir(peft_model: Any, final: Path, meta: dict[str, Any],
                       snapshot: dict[str, Any]) -> Path:
-    """Save adapter + metadata into a temp dir beside ``final``, fsync, rename. Returns final."""
+    """Save adapter + metadata (the files of guildtune/adapter_dir.py's contract) into a temp dir
+    beside ``final``, fsync, rename. Returns final."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
@@ -64,8 +64,8 @@ def write_version_dir(peft_model: Any, final: Path, meta: dict[str, Any],
     try:
         # Only the trained adapter ("default"); an evaluated active version may be loaded too.
         peft_model.save_pretrained(tmp, selected_adapters=[peft_model.active_adapter])
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), "utf-8")
-        (tmp / SNAPSHOT_FILE).write_text(json.dumps(snapshot, indent=2, sort_keys=True), "utf-8")
+        write_meta(tmp, meta)
+        write_snapshot(tmp, snapshot)
         _fsync_tree(tmp)
         if final.exists():
             # A dir without a registry row: a crash after rename, before register. Not served
@@ -92,9 +92,9 @@ def publish(store: Store, cfg: Config, guild_id: int, peft_model: Any, *, base_m
     opted in since ``dataset_utc``; its directory is then removed: it is not kept at all."""
     version = store.next_version(guild_id)
     final = guild_dir(cfg, guild_id) / str(version)
-    meta = {"guild_id": guild_id, "version": version, "base_model": base_model,
-            "lora": cfg.lora.shape(), "metrics": metrics, "data_fingerprint": data_fingerprint,
-            "created_utc": utc_now(), "run_id": run_id}
+    meta = adapter_meta(guild_id=guild_id, version=version, base_model=base_model,
+                        lora=cfg.lora.shape(), metrics=metrics, data_fingerprint=data_fingerprint,
+                        created_utc=utc_now(), run_id=run_id)
     write_version_dir(peft_model, final, meta, cfg.snapshot())
     try:
         record = store.register_version(

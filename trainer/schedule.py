@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from guildtune.policy import RETENTION_JOB, SYNC_JOB, TRAIN_JOB_PREFIX, may_train, operator_block
+
 if TYPE_CHECKING:
     from guildtune.config import Config
     from storage import Store
@@ -22,8 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYNC_MINUTES = 5
-JOB_PREFIX = "guildtune-train-"
-RETENTION_JOB = "guildtune-retention"
+JOB_PREFIX = TRAIN_JOB_PREFIX  # the job ids live in guildtune.policy: the bot signals SYNC_JOB
 
 
 def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
@@ -43,7 +44,7 @@ def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
 def enqueue_if_due(store: Store, cfg: Config, guild_id: int) -> int | None:
     """Queue a 'schedule' run for the guild when training is allowed and enough new examples
     arrived since its active version. Returns the new run id, or None."""
-    if not cfg.training.enabled or not store.guild_settings(guild_id).training_enabled:
+    if not may_train(cfg, store.guild_settings(guild_id)):
         return None
     active = store.active_version(guild_id)
     new = store.examples_since(guild_id, active.activated_utc if active else None)
@@ -60,7 +61,7 @@ def enqueue_if_due(store: Store, cfg: Config, guild_id: int) -> int | None:
 def enqueue_due(store: Store, cfg: Config, guild_ids: list[int] | None = None) -> list[int]:
     """``enqueue_if_due`` for the given guilds (default: every guild the store knows).
     Returns the ids of runs queued now."""
-    if not cfg.training.enabled:
+    if operator_block(cfg) is not None:
         return []
     out = []
     for g in guild_ids if guild_ids is not None else store.guild_ids():
@@ -71,11 +72,12 @@ def enqueue_due(store: Store, cfg: Config, guild_ids: list[int] | None = None) -
 
 
 def guild_schedules(store: Store, cfg: Config) -> dict[int, str]:
-    """guild -> crontab, for every guild with training enabled."""
+    """guild -> crontab, for every guild that may train (none while the operator has training
+    off)."""
     out = {}
     for g in store.guild_ids():
         s = store.guild_settings(g)
-        if s.training_enabled:
+        if may_train(cfg, s):
             out[g] = s.schedule or cfg.training.schedule
     return out
 
@@ -84,7 +86,7 @@ def sync_jobs(scheduler: Any, store: Store, cfg: Config) -> None:
     """Make the scheduler's per-guild cron jobs match the guilds' current settings."""
     from apscheduler.triggers.cron import CronTrigger
 
-    wanted = guild_schedules(store, cfg) if cfg.training.enabled else {}
+    wanted = guild_schedules(store, cfg) if operator_block(cfg) is None else {}
     for job in scheduler.get_jobs():
         if job.id.startswith(JOB_PREFIX) and int(job.id[len(JOB_PREFIX):]) not in wanted:
             job.remove()
@@ -114,6 +116,10 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
     pool, so the store's SQL never blocks the event loop. ``asyncio=False``: a
     BlockingScheduler for a standalone process (``start()`` blocks), or with ``background=True``
     a BackgroundScheduler (the ``guildtune worker`` runs it beside its claim loop).
+
+    Whoever holds the scheduler re-syncs it at once (a guild's switch or schedule just changed)
+    by running its ``guildtune.policy.SYNC_JOB`` job; the bot does so without importing this
+    module.
     """
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -128,10 +134,10 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
     else:
         from apscheduler.schedulers.blocking import BlockingScheduler
         scheduler = BlockingScheduler(**opts)
-    if cfg.training.enabled:
+    if operator_block(cfg) is None:
         sync_jobs(scheduler, store, cfg)
         scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
-                          args=(scheduler, store, cfg), id="guildtune-sync",
+                          args=(scheduler, store, cfg), id=SYNC_JOB,
                           replace_existing=True, name="sync guild training schedules")
     # Always (whatever the training switch): retention, and with retention_days = 0 still
     # the deletion of withdrawn adapters' files.

@@ -31,7 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from .pipeline import OPERATOR_DISABLED, TrainingError
+from guildtune.policy import operator_block, training_block
+
+from .pipeline import TrainingError
 
 if TYPE_CHECKING:
     from guildtune.config import Config
@@ -271,12 +273,9 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
     When ``stop`` is set during an isolated run, the child is ended and the run is given back
     (``_release``): the status is then 'released'.
     """
-    if not cfg.training.enabled:
-        store.finish_run(run.id, "failed", error=OPERATOR_DISABLED, worker=worker)
-        return "failed"
-    if not run.force and not store.guild_settings(run.guild_id).training_enabled:
-        store.finish_run(run.id, "failed", worker=worker,
-                         error=f"training is off for guild {run.guild_id}")
+    blocked = training_block(cfg, store.guild_settings(run.guild_id), run.force)
+    if blocked is not None:
+        store.finish_run(run.id, "failed", error=blocked, worker=worker)
         return "failed"
     if not isolate:
         try:
@@ -386,8 +385,9 @@ def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = 
     """Queue a run for the guild, claim it here and train in this process (the CLI's
     ``train``): the queue still guarantees one run per guild. Returns (run id, TrainResult);
     raises TrainingError (the run is closed as failed) when it cannot train."""
-    if not cfg.training.enabled:
-        raise TrainingError(OPERATOR_DISABLED)
+    blocked = operator_block(cfg)  # the guild's switch: train_guild, with ``force``
+    if blocked is not None:
+        raise TrainingError(blocked)
     worker = f"cli:{default_worker_id()}"
     run_id, _ = store.enqueue_run(guild_id, "cli", requested_by, force)
     run = store.claim_run(worker, cfg.training.lease_seconds, guild_id=guild_id)

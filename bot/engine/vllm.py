@@ -1,4 +1,4 @@
-"""Engine backend for a vLLM OpenAI-compatible server with multi-LoRA.
+"""VllmEngine: the engine as a client of a vLLM OpenAI-compatible server with multi-LoRA.
 
 For deployments that outgrow one machine: vLLM batches and schedules, this client only routes.
 Start the server with runtime adapter loading enabled, e.g.::
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot.engine import (FALLBACK_TEXT, AdapterError, Engine, EngineError, GenerationRequest,
-                        GenerationResult, validate_adapter_dir)
+from bot.engine.base import (FALLBACK_TEXT, AdapterError, Engine, EngineError, GenerationRequest,
+                             GenerationResult)
+from guildtune.adapter_dir import validate_adapter_dir
 
 if TYPE_CHECKING:
     from guildtune.config import LoraConfig, ModelConfig

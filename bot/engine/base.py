@@ -1,0 +1,84 @@
+"""The engine interface and its types: what the Cog, the console and the watcher code against.
+
+``Engine`` is implemented by ``LocalEngine`` (bot/engine/local.py: the model in this process) and
+``VllmEngine`` (bot/engine/vllm.py: a client of a vLLM server); both import this module and never
+each other. ``AdapterError`` is the adapter-directory contract's error (guildtune/adapter_dir.py),
+re-exported here because every engine raises it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+from guildtune.adapter_dir import AdapterError
+
+__all__ = ["BASE_ADAPTER", "FALLBACK_TEXT", "AdapterError", "Engine", "EngineError",
+           "GenerationRequest", "GenerationResult", "adapter_name"]
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+FALLBACK_TEXT = "(no reply)"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One reply to generate. ``None`` settings take the config defaults; temperature 0 = greedy."""
+
+    guild_id: int | None  # None = DM / base model
+    messages: list[dict[str, str]]  # system (persona) + context turns: system/user/assistant
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    adapter_version: int | None  # the version that produced it; None = base model
+    tokens_in: int
+    tokens_out: int
+    latency_ms: float
+
+
+class EngineError(RuntimeError):
+    """Generation failed or the engine is not running; the message is one line."""
+
+
+def adapter_name(guild_id: int) -> str:
+    """The peft adapter name of a guild's slot."""
+    return f"g{guild_id}"
+
+
+class Engine(abc.ABC):
+    """Generates replies with a per-guild adapter on one base model."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start serving (threads, sessions). Call once before ``generate``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop serving; pending requests fail with EngineError; nothing is left running."""
+
+    @abc.abstractmethod
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Generate one reply with the guild's active adapter (base model when none)."""
+
+    @abc.abstractmethod
+    async def activate(self, guild_id: int, version: int, path: str | Path) -> None:
+        """Serve ``version`` (adapter dir ``path``) for the guild from now on.
+
+        Raises AdapterError when the adapter is missing, corrupt or does not fit; the guild then
+        keeps serving its previous version.
+        """
+
+    @abc.abstractmethod
+    async def deactivate(self, guild_id: int) -> None:
+        """The guild falls back to the base model."""
+
+    @abc.abstractmethod
+    def active_versions(self) -> dict[int, int]:
+        """Guild id -> adapter version it is served with (resident or not)."""

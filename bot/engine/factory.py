@@ -1,0 +1,32 @@
+"""``create_engine``: the configured engine backend.
+
+Both backends are imported only when chosen: the vLLM client does not load torch, the local engine
+does not need aiohttp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.engine.base import Engine
+    from guildtune.config import LoraConfig, ModelConfig
+
+
+def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
+                  cache_dir: Path | None = None) -> Engine:
+    """The configured backend: a LocalEngine on the loaded model, or a VllmEngine client.
+
+    Loading a local model takes seconds: call this off the event loop (e.g. asyncio.to_thread).
+    """
+    if model_cfg.backend == "vllm":
+        from bot.engine.vllm import VllmEngine
+
+        return VllmEngine(model_cfg, lora_cfg)
+    from bot.engine.local import LocalEngine
+    from guildtune.models import load_model
+
+    loaded = load_model(model_cfg.name, device=model_cfg.device, dtype=model_cfg.dtype,
+                        cache_dir=cache_dir, threads=model_cfg.threads)
+    return LocalEngine(loaded, model_cfg, lora_cfg)

@@ -1,0 +1,427 @@
+"""LocalEngine: the model in this process, one thread that owns it, micro-batching across guilds.
+
+One dedicated thread owns the model and every operation on it (generation, adapter load, hot
+swap, eviction), so the event loop never runs model code and no batch ever sees half a swap.
+Which adapter serves which guild is decided by ``AdapterSlots`` (bot/engine/slots.py); this
+module holds the peft side of it (``PeftAdapters``).
+
+Batching: requests that arrive within ``batch_wait_ms`` of the first (up to ``max_batch_size``)
+run as one ``generate`` call with peft's ``adapter_names`` (one adapter per row, ``__base__`` for a
+guild without one). Rows whose generation settings differ are split into groups with identical
+settings, run one after another in the same cycle; a request with a ``seed`` always runs alone so
+that the seed reproduces its output. In fp32 a row's greedy output equals running it alone.
+
+torch and peft are imported lazily: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from bot.engine.base import (FALLBACK_TEXT, AdapterError, Engine, EngineError, GenerationRequest,
+                             GenerationResult)
+from bot.engine.slots import AdapterSlots
+from guildtune.adapter_dir import validate_adapter_dir
+from guildtune.prompting import render_ids, special_strings
+
+if TYPE_CHECKING:
+    from guildtune.config import LoraConfig, ModelConfig
+    from guildtune.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class PeftAdapters:
+    """The model side of the adapter slots: LoRA adapters in one PeftModel around the base.
+
+    The PeftModel is created at the first load and kept (empty) after the last delete, so a
+    later load adds to it. Model thread only.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+        self.model: Any = None  # PeftModel, created at the first adapter load
+
+    def load(self, name: str, path: Path) -> None:
+        """Load the adapter at ``path`` as ``name``; a failed load leaves no ``name`` behind."""
+        from peft import PeftModel
+
+        try:
+            if self.model is None:
+                # First adapter: wrap the base model once; later adapters are added to it.
+                self.model = PeftModel.from_pretrained(self._loaded.model, str(path),
+                                                       adapter_name=name, is_trainable=False)
+                self.model.eval()
+            else:
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                if self.model.active_adapter not in self.model.peft_config:
+                    # The previously active adapter was deleted; peft needs one active adapter
+                    # even when every row names its own via adapter_names.
+                    self.model.set_adapter(name, inference_mode=True)
+        except Exception:
+            if self.model is not None and name in self.model.peft_config:
+                self.delete(name)
+            raise
+
+    def hotswap(self, name: str, path: Path) -> None:
+        """Replace the weights of ``name`` in place (not atomic: the slots rebuild on failure)."""
+        from peft.utils.hotswap import hotswap_adapter
+
+        hotswap_adapter(self.model, str(path), adapter_name=name,
+                        torch_device=str(self._loaded.device))
+
+    def delete(self, name: str) -> None:
+        with warnings.catch_warnings():
+            # peft warns when the active adapter goes; we route rows by adapter_names anyway.
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            self.model.delete_adapter(name)
+
+
+@dataclass
+class _GenItem:
+    req: GenerationRequest
+    fut: asyncio.Future[GenerationResult]
+    loop: asyncio.AbstractEventLoop
+    t0: float
+
+
+@dataclass
+class _CtlItem:
+    fn: Callable[[], Any]
+    fut: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any = None,
+             exc: BaseException | None = None) -> None:
+    """Complete an asyncio future from the model thread (the loop may already be gone)."""
+    def _set() -> None:
+        if fut.done():  # cancelled by the caller meanwhile
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    try:
+        loop.call_soon_threadsafe(_set)
+    except RuntimeError:  # loop closed: nobody is waiting any more
+        pass
+
+
+@dataclass
+class _Row:
+    item: _GenItem
+    ids: list[int]
+    adapter: str
+    version: int | None
+    max_new: int
+    key: tuple[Any, ...]
+
+
+class LocalEngine(Engine):
+    """In-process engine: a model thread, micro-batching across guilds, resident adapters (LRU)."""
+
+    def __init__(self, loaded: LoadedModel, model_cfg: ModelConfig, lora_cfg: LoraConfig) -> None:
+        self._loaded = loaded
+        self._cfg = model_cfg
+        self._lora = lora_cfg
+        self._tok = loaded.tokenizer
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Owned by the model thread: the peft side and the slot policy over it.
+        self._adapters = PeftAdapters(loaded)
+        self._slots = AdapterSlots(self._adapters, model_cfg.max_resident_adapters)
+        self.batches_run = 0  # for tests and the bench: how many generate calls
+        self._eos = self._eos_ids()
+        self._pad = (self._tok.pad_token_id if self._tok.pad_token_id is not None
+                     else self._eos[0])
+        self._specials = special_strings(self._tok)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the model thread."""
+        if self._thread is not None:
+            return
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="guildtune-model", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Stop the model thread after the current batch and join it."""
+        if self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Queue the request for the next batch and await its result."""
+        if self._thread is None or self._closed:
+            raise EngineError("engine is not running (call start() first, or it was closed)")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[GenerationResult] = loop.create_future()
+        self._queue.put(_GenItem(req, fut, loop, time.perf_counter()))
+        return await fut
+
+    async def activate(self, guild_id: int, version: int, path: str | Path) -> None:
+        """Validate off the loop, then load or hot-swap in the model thread between batches."""
+        p = await asyncio.to_thread(
+            validate_adapter_dir, path, guild_id=guild_id, version=version,
+            base_id=self._loaded.base_id, lora_shape=self._lora.shape())
+        await self._control(lambda: self._slots.activate(guild_id, version, p))
+
+    async def deactivate(self, guild_id: int) -> None:
+        """Unload the guild's adapter; it is served by the base model from now on."""
+        await self._control(lambda: self._slots.deactivate(guild_id))
+
+    def active_versions(self) -> dict[int, int]:
+        """Guild id -> the version it serves (snapshot published by the model thread)."""
+        return self._slots.versions()
+
+    def resident_guilds(self) -> list[int]:
+        """Guilds whose adapter is loaded in the model now, least recently used first."""
+        return self._slots.resident()
+
+    @property
+    def peft_model(self) -> Any:
+        """The PeftModel holding the resident adapters (None before the first load); for
+        tests and diagnostics, not to be called into from another thread."""
+        return self._adapters.model
+
+    async def _control(self, fn: Callable[[], Any]) -> Any:
+        if self._thread is None or self._closed:
+            raise EngineError("engine is not running (call start() first, or it was closed)")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_CtlItem(fn, fut, loop))
+        return await fut
+
+    # -- model thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        log.debug("model thread started (torch threads: %d)", torch.get_num_threads())
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            if isinstance(item, _CtlItem):
+                self._run_control(item)
+                continue
+            batch, deferred = self._collect(item)
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # a bug or OOM must fail the requests, not the thread
+                log.exception("batch of %d failed", len(batch))
+                err = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                for it in batch:
+                    _resolve(it.loop, it.fut, exc=err)
+            for d in deferred:
+                if d is _STOP:
+                    stop = True
+                else:
+                    self._run_control(d)
+        # Fail whatever is still queued so no caller waits forever.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, (_GenItem, _CtlItem)):
+                _resolve(item.loop, item.fut, exc=EngineError("engine closed"))
+        log.debug("model thread stopped")
+
+    def _collect(self, first: _GenItem) -> tuple[list[_GenItem], list[Any]]:
+        """Gather requests arriving within batch_wait_ms; a control item or stop ends the batch
+        (it runs right after, so a swap never lands inside a batch)."""
+        batch, deferred = [first], []
+        deadline = time.monotonic() + self._cfg.batch_wait_ms / 1000
+        while len(batch) < self._cfg.max_batch_size:
+            timeout = deadline - time.monotonic()
+            try:
+                nxt = (self._queue.get(timeout=timeout) if timeout > 0
+                       else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if isinstance(nxt, _GenItem):
+                batch.append(nxt)
+            else:
+                deferred.append(nxt)
+                break
+        return batch, deferred
+
+    def _run_control(self, item: _CtlItem) -> None:
+        try:
+            value = item.fn()
+        except Exception as exc:
+            if not isinstance(exc, (AdapterError, EngineError)):
+                log.exception("engine control operation failed")
+                exc = EngineError(f"{type(exc).__name__}: {exc}")
+            _resolve(item.loop, item.fut, exc=exc)
+        else:
+            _resolve(item.loop, item.fut, value)
+
+    def _settings(self, req: GenerationRequest) -> tuple[int, float, float, float]:
+        c = self._cfg
+        return (req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens,
+                req.temperature if req.temperature is not None else c.temperature,
+                req.top_p if req.top_p is not None else c.top_p,
+                req.repetition_penalty if req.repetition_penalty is not None
+                else c.repetition_penalty)
+
+    def _run_batch(self, items: list[_GenItem]) -> None:
+        items = [it for it in items if not it.fut.done()]
+        needed = {it.req.guild_id for it in items if self._slots.wants(it.req.guild_id)}
+        rows: list[_Row] = []
+        for it in items:
+            try:
+                max_new, temp, top_p, rep = self._settings(it.req)
+                ids = self.prompt_ids(it.req.messages, max_new)
+                name, version = self._slots.serving(it.req.guild_id, needed)
+            except Exception as exc:
+                log.warning("request for guild %s refused: %s", it.req.guild_id, exc)
+                _resolve(it.loop, it.fut, exc=EngineError(f"bad request: {exc}"))
+                continue
+            # Same settings share a generate call; a seeded request runs alone to be reproducible.
+            key: tuple[Any, ...] = (temp > 0, temp if temp > 0 else 0.0,
+                                    top_p if temp > 0 else 1.0, rep,
+                                    (it.req.seed, id(it)) if it.req.seed is not None else None)
+            rows.append(_Row(it, ids, name, version, max_new, key))
+        groups: dict[tuple[Any, ...], list[_Row]] = {}
+        for r in rows:
+            groups.setdefault(r.key, []).append(r)
+        done: list[tuple[_GenItem, GenerationResult]] = []
+        for group in groups.values():
+            done += self._generate(group)
+        # Evict over-cap adapters before answering, so callers see a settled state.
+        self._slots.trim()
+        for it, res in done:
+            _resolve(it.loop, it.fut, res)
+
+    def _generate(self, rows: list[_Row]) -> list[tuple[_GenItem, GenerationResult]]:
+        """One generate call for rows sharing settings; returns (item, result) pairs."""
+        import torch
+
+        do_sample, temp, top_p, rep, seed = rows[0].key
+        width = max(len(r.ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token aligned
+            input_ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
+            mask[i, width - len(r.ids):] = 1
+        dev = self._loaded.device
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(dev), "attention_mask": mask.to(dev),
+            "max_new_tokens": max(r.max_new for r in rows), "do_sample": do_sample,
+            "repetition_penalty": rep, "pad_token_id": self._pad, "eos_token_id": self._eos,
+        }
+        if do_sample:
+            kwargs.update(temperature=temp, top_p=top_p)
+            if seed is not None:
+                torch.manual_seed(seed[0])
+        else:
+            # Unset sampling knobs a checkpoint's generation_config may carry (avoids warnings).
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            peft = self._adapters.model
+            if self._slots.resident() and peft is not None:
+                out = peft.generate(**kwargs, adapter_names=[r.adapter for r in rows])
+            else:
+                # No adapter resident: the (possibly LoRA-injected, but empty) base model.
+                out = self._loaded.model.generate(**kwargs)
+        self.batches_run += 1
+        new = out[:, width:].tolist()
+        now = time.perf_counter()
+        done = []
+        for r, toks in zip(rows, new):
+            toks = toks[:r.max_new]
+            n = len(toks)
+            for j, t in enumerate(toks):
+                if t in self._eos:
+                    n = j + 1
+                    break
+            text = self._tok.decode(toks[:n], skip_special_tokens=True).strip() or FALLBACK_TEXT
+            done.append((r.item, GenerationResult(text, r.version, len(r.ids), n,
+                                                  (now - r.item.t0) * 1000)))
+        return done
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gc_eos = getattr(self._loaded.model.generation_config, "eos_token_id", None)
+        if isinstance(gc_eos, int):
+            ids.add(gc_eos)
+        elif isinstance(gc_eos, (list, tuple)):
+            ids.update(int(x) for x in gc_eos)
+        if self._tok.eos_token_id is not None:
+            ids.add(int(self._tok.eos_token_id))
+        if not ids:
+            raise EngineError("the model has no end-of-sequence token; cannot stop generation")
+        return sorted(ids)
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def render_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat with a generation prompt; template-token text inside message
+        content stays plain text (only the template adds special tokens)."""
+        return render_ids(self._tok, messages, add_generation_prompt=True,
+                          specials=self._specials)
+
+    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
+        """Rendered prompt trimmed to max_context_tokens - max_new_tokens: leading system
+        messages stay, the oldest turns go first; an overlong newest turn keeps its end."""
+        budget = max(self._cfg.max_context_tokens - max_new_tokens,
+                     self._cfg.max_context_tokens // 4)
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                    m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError("each message needs role system/user/assistant and str content")
+        n_sys = 0
+        while n_sys < len(messages) and messages[n_sys]["role"] == "system":
+            n_sys += 1
+        system, turns = list(messages[:n_sys]), list(messages[n_sys:])
+        for start in range(len(turns) + 1):
+            ids = self.render_ids(system + turns[start:])
+            if len(ids) <= budget:
+                if start:
+                    log.debug("context trimmed: dropped %d oldest turns", start)
+                return ids
+            if start == len(turns) - 1:
+                break  # only the newest turn left: shorten it instead of dropping it
+        msgs = system + turns[-1:]
+        for _ in range(4):  # shorten the longest-to-blame message until it fits
+            ids = self.render_ids(msgs)
+            over = len(ids) - budget
+            if over <= 0:
+                return ids
+            idx = len(msgs) - 1 if turns else 0
+            content_ids = self._tok(msgs[idx]["content"], add_special_tokens=False,
+                                    split_special_tokens=True)["input_ids"]
+            keep = max(len(content_ids) - over - 8, 0)
+            if keep == 0 and idx > 0:  # the system prompt itself is too long: cut its end
+                idx = 0
+                content_ids = self._tok(msgs[0]["content"], add_special_tokens=False,
+                                        split_special_tokens=True)["input_ids"]
+                keep = max(len(content_ids) - over - 8, 0)
+                msgs[0] = {**msgs[0], "content": self._tok.decode(content_ids[:keep])}
+                continue
+            msgs[idx] = {**msgs[idx], "content": self._tok.decode(content_ids[-keep:] if keep
+                                                                   else [])}
+        return self.render_ids(msgs)[-budget:]
