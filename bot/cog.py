@@ -326,7 +326,7 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         if sched is None:
             # The one import of trainer/ left in bot/ (tests/test_import_graph.py allow-lists
             # it): nothing hands the extension a scheduler yet (bot.setup, build_services).
-            from trainer.schedule import make_scheduler
+            from guildtune.schedule import make_scheduler
 
             try:
                 sched = make_scheduler(s.store, s.config, asyncio=True)

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 META_FILE = "guildtune.json"
 SNAPSHOT_FILE = "config_snapshot.json"
@@ -289,3 +293,24 @@ def validate_adapter_dir(path: str | Path, *, guild_id: int, version: int, base_
                            f"the configured shape is {shape!r}")
     _check_safetensors(p / ADAPTER_WEIGHTS, int(shape["rank"]), prefix)
     return p
+
+
+def prune_withdrawn(store: Any, cfg: Any) -> list[tuple[int, int]]:
+    """Delete the files of every tainted version that no longer serves: weights that learned
+    from a member who was forgotten or opted out are not kept on disk. The registry row stays
+    (it records that the version existed and why it was withdrawn). Returns (guild, version)."""
+    root = cfg.adapters_dir.resolve()
+    removed = []
+    for g in store.guild_ids():
+        for v in store.versions(g):
+            if v.tainted_utc is None or v.status == "active":
+                continue
+            path = Path(v.path)
+            # Only inside our adapter directory: a registry row must not delete anything else.
+            if path.is_dir() and root in path.resolve().parents:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append((g, v.version))
+    if removed:
+        log.info("deleted the files of withdrawn adapter versions %s", removed)
+    return removed
+

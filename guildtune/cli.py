@@ -147,7 +147,7 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     try:
         report = store.forget_user(args.user, args.guild,
                                    strict=cfg.training.withdraw_at_once, names=args.name or ())
-        from trainer.publish import prune_withdrawn
+        from guildtune.adapter_dir import prune_withdrawn
 
         pruned = prune_withdrawn(store, cfg)
     finally:

@@ -120,7 +120,7 @@ def _parent_pid() -> int | None:
 def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
     """Run the worker loop (and, unless --once, the schedule) until SIGTERM/SIGINT, or until
     the process that spawned it dies. With --once: 1 when any run it handled failed."""
-    from trainer.schedule import make_scheduler
+    from guildtune.schedule import make_scheduler
     from trainer.worker import run_worker_process
 
     off = operator_block(cfg)

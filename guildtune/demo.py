@@ -188,7 +188,7 @@ class Demo:
 
         from bot.handlers import AdapterWatcher, Core
         from bot.services import build_services
-        from trainer.schedule import enqueue_due
+        from guildtune.schedule import enqueue_due
         from trainer.worker import run_worker
 
         with self.stage(f"load {self.cfg.model.name} and open the store"):

@@ -115,7 +115,7 @@ async def test_extension_imports_without_torch() -> None:
 
 
 async def test_real_scheduler_starts_in_cog_load_and_stops_in_unload(tmp_path, keep_modules) -> None:
-    pytest.importorskip("trainer.schedule")
+    pytest.importorskip("guildtune.schedule")
     host = commands.Bot(command_prefix="?", intents=discord.Intents.none())
     services = make_services(tmp_path, training={"enabled": True})
     host.guildtune_services = services

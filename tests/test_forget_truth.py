@@ -432,7 +432,7 @@ def test_a_message_written_before_opting_in_is_not_kept_even_if_logged_late(
 
 
 def test_withdrawn_versions_files_are_deleted_by_the_retention_job(tmp_path: Path) -> None:
-    from trainer.schedule import purge_expired
+    from guildtune.schedule import purge_expired
 
     cfg = parse_config({"storage": {"data_dir": str(tmp_path)},
                         "privacy": {"retention_days": 0}})

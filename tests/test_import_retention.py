@@ -13,7 +13,7 @@ import pytest
 from guildtune.config import load_config
 from storage import StoreError, open_store
 from storage.times import format_utc, parse_utc
-from trainer.schedule import purge_expired
+from guildtune.schedule import purge_expired
 
 from tests.test_cli import IRC, ROOT, cfg_file, run  # noqa: F401 (cfg_file is a fixture)
 

@@ -285,7 +285,7 @@ def keep_modules() -> Iterator[None]:
 
 
 async def test_retention_job_runs_with_training_off(tmp_path: Path, keep_modules) -> None:
-    from trainer.schedule import JOB_PREFIX, RETENTION_JOB
+    from guildtune.schedule import JOB_PREFIX, RETENTION_JOB
 
     services = make_services(tmp_path)  # the default config: training off
     cfg, store = services.config, services.store

@@ -16,7 +16,7 @@ from guildtune.config import Config, parse_config
 from guildtune.policy import GUILD_OFF
 from storage import Store, open_store
 from trainer.pipeline import OPERATOR_DISABLED, train_guild
-from trainer.schedule import enqueue_due, make_scheduler
+from guildtune.schedule import enqueue_due, make_scheduler
 from trainer.worker import run_worker
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned processes inherit it
@@ -164,7 +164,7 @@ def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None
 
 def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     """privacy.retention_days is applied by a scheduler job (daily, and soon after start)."""
-    from trainer.schedule import RETENTION_JOB, purge_expired
+    from guildtune.schedule import RETENTION_JOB, purge_expired
 
     cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 30}},
                        env={})

@@ -108,24 +108,3 @@ def publish(store: Store, cfg: Config, guild_id: int, peft_model: Any, *, base_m
     log.info("guild %s: published version %s at %s (active=%s)", guild_id, version, final,
              activate)
     return record
-
-
-def prune_withdrawn(store: Store, cfg: Config) -> list[tuple[int, int]]:
-    """Delete the files of every tainted version that no longer serves: weights that learned
-    from a member who was forgotten or opted out are not kept on disk. The registry row stays
-    (it records that the version existed and why it was withdrawn). Returns (guild, version)."""
-    root = cfg.adapters_dir.resolve()
-    removed = []
-    for g in store.guild_ids():
-        for v in store.versions(g):
-            if v.tainted_utc is None or v.status == "active":
-                continue
-            path = Path(v.path)
-            # Only inside our adapter directory: a registry row must not delete anything else.
-            if path.is_dir() and root in path.resolve().parents:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append((g, v.version))
-    if removed:
-        log.info("deleted the files of withdrawn adapter versions %s", removed)
-    return removed
-

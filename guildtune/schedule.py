@@ -30,7 +30,7 @@ JOB_PREFIX = TRAIN_JOB_PREFIX  # the job ids live in guildtune.policy: the bot s
 def purge_expired(store: Store, cfg: Config) -> dict[str, int]:
     """Retention: delete interactions and messages older than ``privacy.retention_days``, and
     the files of adapter versions withdrawn by a forget or an opt-out."""
-    from .publish import prune_withdrawn
+    from guildtune.adapter_dir import prune_withdrawn
 
     deleted = store.purge_older_than(cfg.privacy.retention_days)
     if any(deleted.values()):
