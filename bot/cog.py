@@ -2,7 +2,8 @@
 
 Intents it relies on (the host decides; the Cog never changes them): guilds, guild messages,
 message content (privileged) and guild message reactions. The Cog only adds listeners: it never
-overrides the host's ``on_message`` or ``on_error`` and never syncs commands.
+overrides the host's ``on_message`` or ``on_error`` and never syncs commands. Its buttons, views
+and Discord reply are in ``bot.ui``; the admin check of every /tune command is ``bot.checks``.
 """
 
 from __future__ import annotations
@@ -11,26 +12,29 @@ import asyncio
 import io
 import logging
 import re
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, Callable, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.handlers import AdapterWatcher, Core, Turn, UserError
+from bot.checks import ADMIN_PERMISSIONS, NOT_ADMIN, admin_ok, admin_only
+from bot.context import Turn, merge_context, reply_reason
+from bot.core import Core, UserError
 from bot.services import Services
+from bot.ui import (COG_NAME, NO_MENTIONS, THUMBS, ConsentView, DiscordReply, ForgetView,
+                    RateButton, SuggestButton, answer)
+from bot.watcher import AdapterWatcher
 from guildtune.data_statement import consent_statement
 from storage.times import format_utc
 
 log = logging.getLogger(__name__)
 
-COG_NAME = "GuildTune"
-THUMBS = {"👍": 1, "👎": -1}
-NOT_ADMIN = "Only members with the **Manage Server** permission can use /tune."
+__all__ = ["COG_NAME", "NOT_ADMIN", "POLITE_FAILURE", "GuildTuneCog", "RateButton",
+           "SuggestButton", "readable_mentions", "services_interval"]
+
 POLITE_FAILURE = ("Sorry, something went wrong on my side. The bot's operator can find the "
                   "details in the log.")
-NO_MENTIONS = discord.AllowedMentions.none()
 _MENTION = re.compile(r"<@([!&]?)(\d+)>")
 _CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 
@@ -63,218 +67,6 @@ def readable_mentions(text: str, *, me: int | None, member: Callable[[int], str 
     return _CHANNEL_MENTION.sub(chan, _MENTION.sub(user_or_role, text)).strip()
 
 
-def _cog(client: discord.Client) -> GuildTuneCog | None:
-    cog = client.get_cog(COG_NAME) if isinstance(client, commands.Bot) else None
-    return cog if isinstance(cog, GuildTuneCog) else None
-
-
-async def _send(interaction: discord.Interaction, content: str | None = None, **kw: Any) -> None:
-    """An ephemeral answer, whether or not the interaction was already responded to."""
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if interaction.response.is_done():
-        await interaction.followup.send(content, ephemeral=True, **kw)
-    else:
-        await interaction.response.send_message(content, ephemeral=True, **kw)
-
-
-# -- persistent feedback controls (survive restarts: matched by custom_id pattern) ------------
-
-
-class RateButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                 template=r"guildtune:rate:(?P<direction>up|down)"):
-    """👍/👎 as a button (config discord.feedback = "buttons")."""
-
-    def __init__(self, direction: str) -> None:
-        self.direction = direction
-        super().__init__(discord.ui.Button(
-            emoji="👍" if direction == "up" else "👎", style=discord.ButtonStyle.secondary,
-            custom_id=f"guildtune:rate:{direction}"))
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str]) -> RateButton:
-        return cls(match["direction"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _cog(interaction.client)
-        if cog is None or interaction.guild_id is None or interaction.message is None:
-            await _send(interaction, "Ratings are not available here right now.")
-            return
-        rating = 1 if self.direction == "up" else -1
-        limited = cog.core.feedback_limited(interaction.guild_id, interaction.user.id)
-        if limited is not None:
-            await _send(interaction, limited)
-            return
-        ok = await cog.core.rate(interaction.guild_id, interaction.message.id,
-                                 interaction.user.id, rating)
-        if ok:
-            await _send(interaction, f"Thanks, noted {'👍' if rating > 0 else '👎'}.")
-        elif not await cog.core.has_consent(interaction.guild_id, interaction.user.id):
-            await _send(interaction, "Ratings are stored only for members who opted in: see "
-                                     "/consent.")
-        else:
-            await _send(interaction, "This reply was not logged (its author had not opted in), "
-                                     "so it cannot be rated.")
-
-
-class SuggestButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                    template=r"guildtune:suggest"):
-    """Opens a modal to write a better reply (stored as a correction)."""
-
-    def __init__(self) -> None:
-        super().__init__(discord.ui.Button(label="Suggest a better reply", emoji="✏️",
-                                           style=discord.ButtonStyle.secondary,
-                                           custom_id="guildtune:suggest"))
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str]) -> SuggestButton:
-        return cls()
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _cog(interaction.client)
-        if cog is None or interaction.guild_id is None or interaction.message is None:
-            await _send(interaction, "Suggestions are not available here right now.")
-            return
-        if not await cog.core.has_consent(interaction.guild_id, interaction.user.id):
-            await _send(interaction, "Suggestions are stored only for members who opted in: "
-                                     "see /consent.")
-            return
-        await interaction.response.send_modal(SuggestModal(cog, interaction.message.id))
-
-
-class SuggestModal(discord.ui.Modal, title="Suggest a better reply"):
-    """The text of a better reply for one bot message."""
-
-    text: discord.ui.TextInput[Any] = discord.ui.TextInput(
-        label="What should the bot have said?", style=discord.TextStyle.paragraph,
-        max_length=2000)
-
-    def __init__(self, cog: GuildTuneCog, message_id: int) -> None:
-        super().__init__()
-        self.cog = cog
-        self.message_id = message_id
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        assert interaction.guild_id is not None
-        try:
-            text = await self.cog.core.suggest(interaction.guild_id, self.message_id,
-                                               interaction.user.id, str(self.text.value))
-        except UserError as exc:
-            text = str(exc)
-        await _send(interaction, text)
-
-
-def feedback_view(mode: str) -> discord.ui.View:
-    """The controls under a bot reply. Stopped at once: the registered DynamicItems answer the
-    clicks, so no per-message View has to stay in memory (nor be lost on restart)."""
-    view = discord.ui.View(timeout=None)
-    if mode == "buttons":
-        view.add_item(RateButton("up"))
-        view.add_item(RateButton("down"))
-    view.add_item(SuggestButton())
-    view.stop()
-    return view
-
-
-# -- ephemeral confirmation views ----------------------------------------------------------
-
-
-class ConsentView(discord.ui.View):
-    """Opt-in / opt-out under the /consent statement."""
-
-    def __init__(self, cog: GuildTuneCog) -> None:
-        super().__init__(timeout=600)
-        self.cog = cog
-
-    @discord.ui.button(label="Opt in", style=discord.ButtonStyle.success)
-    async def opt_in(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
-        assert interaction.guild_id is not None
-        await _send(interaction, await self.cog.core.consent(interaction.guild_id,
-                                                             interaction.user.id, True))
-
-    @discord.ui.button(label="Opt out", style=discord.ButtonStyle.secondary)
-    async def opt_out(self, interaction: discord.Interaction,
-                      button: discord.ui.Button[Any]) -> None:
-        assert interaction.guild_id is not None
-        await _send(interaction, await self.cog.core.consent(interaction.guild_id,
-                                                             interaction.user.id, False))
-
-
-class ForgetView(discord.ui.View):
-    """The confirmation of /forget."""
-
-    def __init__(self, cog: GuildTuneCog) -> None:
-        super().__init__(timeout=120)
-        self.cog = cog
-
-    @discord.ui.button(label="Delete my data", style=discord.ButtonStyle.danger)
-    async def confirm(self, interaction: discord.Interaction,
-                      button: discord.ui.Button[Any]) -> None:
-        assert interaction.guild_id is not None
-        self.stop()
-        user = interaction.user
-        # Their names too: other members' stored messages may name them in plain text.
-        names = {n for n in (user.name, getattr(user, "global_name", None),
-                             getattr(user, "display_name", None), getattr(user, "nick", None))
-                 if n}
-        await _send(interaction, await self.cog.core.forget(interaction.guild_id, user.id,
-                                                            sorted(names)))
-
-    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
-    async def cancel(self, interaction: discord.Interaction,
-                     button: discord.ui.Button[Any]) -> None:
-        self.stop()
-        await _send(interaction, "Nothing was deleted.")
-
-
-# -- replies in Discord --------------------------------------------------------------------
-
-
-class DiscordReply:
-    """``ReplyChannel`` over a Discord message: reply to it, controls under the last part."""
-
-    def __init__(self, message: discord.Message, feedback: str) -> None:
-        self.message = message
-        self.feedback = feedback
-        self.guild = message.guild is not None
-
-    @asynccontextmanager
-    async def typing(self) -> AsyncIterator[None]:
-        try:
-            cm = self.message.channel.typing()
-            await cm.__aenter__()
-        except discord.HTTPException:  # typing is cosmetic: never lose a reply over it
-            cm = None
-        try:
-            yield
-        finally:
-            if cm is not None:
-                await cm.__aexit__(None, None, None)
-
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
-        kw: dict[str, Any] = {"allowed_mentions": NO_MENTIONS}
-        controls = last and self.guild
-        if controls:
-            kw["view"] = feedback_view(self.feedback)
-        sent: discord.Message | None = None
-        if first:
-            try:
-                sent = await self.message.reply(text, mention_author=False, **kw)
-            except discord.HTTPException:  # the request was deleted meanwhile: still answer
-                sent = None
-        if sent is None:
-            sent = await self.message.channel.send(text, **kw)
-        if controls and self.feedback == "reactions":
-            for emoji in THUMBS:
-                try:
-                    await sent.add_reaction(emoji)
-                except discord.HTTPException:  # missing Add Reactions permission
-                    log.warning("cannot add reactions in channel %s", sent.channel.id)
-                    break
-        return sent.id
-
-
 # -- the Cog ---------------------------------------------------------------------------------
 
 
@@ -283,7 +75,7 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
 
     tune = app_commands.Group(
         name="tune", description="Manage this server's tuned model",
-        guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
+        guild_only=True, default_permissions=ADMIN_PERMISSIONS)
 
     def __init__(self, bot: commands.Bot, services: Services) -> None:
         self.bot = bot
@@ -448,8 +240,6 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
                         recent.append(self._turn(m))
             except (discord.HTTPException, AttributeError):  # no Read History permission
                 pass
-        from bot.handlers import merge_context
-
         return merge_context(chain, recent, self._turn(message), limit)
 
     @commands.Cog.listener("on_message")
@@ -473,8 +263,6 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         parent = await self._referenced(message)
         configured = (guild_id is not None and
                       message.channel.id in await self.core.answer_channels(guild_id))
-        from bot.handlers import reply_reason
-
         reason = reply_reason(
             is_bot=message.author.bot, is_system=system, mentions_everyone=message.mention_everyone,
             is_dm=guild_id is None,
@@ -541,35 +329,22 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
 
     # -- command plumbing ----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _known_errors(self, interaction: discord.Interaction) -> AsyncIterator[None]:
-        """UserError -> its text, ephemeral. Anything else reaches cog_app_command_error."""
-        try:
-            yield
-        except UserError as exc:
-            await _send(interaction, str(exc))
-
-    async def _admin_ok(self, interaction: discord.Interaction) -> bool:
-        """The real check behind default_permissions (a hint only, and ignored on subcommands)."""
-        perms = getattr(interaction.user, "guild_permissions", None)
-        if interaction.guild_id is not None and perms is not None and perms.manage_guild:
-            return True
-        await _send(interaction, NOT_ADMIN)
-        return False
+    # The one admin check (bot.checks), also under the Cog's own name: tests ask it directly.
+    _admin_ok = staticmethod(admin_ok)
 
     async def cog_app_command_error(self, interaction: discord.Interaction,
                                     error: app_commands.AppCommandError) -> None:
         original = getattr(error, "original", error)
         if isinstance(original, UserError):
-            await _send(interaction, str(original))
+            await answer(interaction, str(original))
             return
         if isinstance(error, app_commands.CheckFailure):
-            await _send(interaction, str(error) or NOT_ADMIN)
+            await answer(interaction, str(error) or NOT_ADMIN)
             return
         cmd = interaction.command.qualified_name if interaction.command else "?"
         log.error("/%s failed in guild %s", cmd, interaction.guild_id, exc_info=original)
         try:
-            await _send(interaction, POLITE_FAILURE)
+            await answer(interaction, POLITE_FAILURE)
         except discord.HTTPException:
             pass
 
@@ -584,7 +359,7 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         state = await self.core.has_consent(interaction.guild_id, interaction.user.id)
         text = consent_statement(name, self.services.config)
         text += f"\n\nYou are currently **{'opted in' if state else 'not opted in'}**."
-        await _send(interaction, text, view=ConsentView(self))
+        await answer(interaction, text, view=ConsentView(self.core))
 
     @app_commands.command(name="mydata", description="Get everything stored about you, as JSON")
     @app_commands.guild_only()
@@ -593,98 +368,84 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         data = await self.core.export(interaction.guild_id, interaction.user.id)
         file = discord.File(io.BytesIO(data),
                             filename=f"guildtune-{interaction.guild_id}-{interaction.user.id}.json")
-        await _send(interaction, "Everything guildtune stored about you in this server:",
-                    file=file)
+        await answer(interaction, "Everything guildtune stored about you in this server:",
+                     file=file)
 
     @app_commands.command(name="forget",
                           description="Delete everything stored about you in this server")
     @app_commands.guild_only()
     async def forget_cmd(self, interaction: discord.Interaction) -> None:
-        await _send(interaction, "This deletes your messages, ratings and suggestions stored in "
-                                 "this server, opts you out, and retrains any model version "
-                                 "that learned from them. Continue?", view=ForgetView(self))
+        await answer(interaction, "This deletes your messages, ratings and suggestions stored in "
+                                  "this server, opts you out, and retrains any model version "
+                                  "that learned from them. Continue?", view=ForgetView(self.core))
 
-    # -- /tune ---------------------------------------------------------------------------------
+    # -- /tune: each command admin_only (bot.checks), the runtime half of the group's hint --
 
     @tune.command(name="status", description="Active version, data since, last and next run")
+    @admin_only
     async def tune_status(self, interaction: discord.Interaction) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            rep = await self.core.status(interaction.guild_id)
-            name = interaction.guild.name if interaction.guild else str(interaction.guild_id)
-            embed = discord.Embed(title=f"guildtune · {name}", colour=discord.Colour.blurple())
-            for key, value in rep.fields():
-                wide = ("Replacement", "Last run", "Running", "Next scheduled run") + (
-                    ("Active version",) if rep.tainted else ())
-                embed.add_field(name=key, value=value[:1024], inline=key not in wide)
-            file = None
-            if rep.chart_png:
-                file = discord.File(io.BytesIO(rep.chart_png), filename="like_rate.png")
-                embed.set_image(url="attachment://like_rate.png")
-            await _send(interaction, embed=embed, file=file)
+        rep = await self.core.status(interaction.guild_id)
+        name = interaction.guild.name if interaction.guild else str(interaction.guild_id)
+        embed = discord.Embed(title=f"guildtune · {name}", colour=discord.Colour.blurple())
+        for key, value in rep.fields():
+            wide = ("Replacement", "Last run", "Running", "Next scheduled run") + (
+                ("Active version",) if rep.tainted else ())
+            embed.add_field(name=key, value=value[:1024], inline=key not in wide)
+        file = None
+        if rep.chart_png:
+            file = discord.File(io.BytesIO(rep.chart_png), filename="like_rate.png")
+            embed.set_image(url="attachment://like_rate.png")
+        await answer(interaction, embed=embed, file=file)
 
     @tune.command(name="retrain", description="Queue a training run now")
+    @admin_only
     async def tune_retrain(self, interaction: discord.Interaction) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            await _send(interaction, await self.core.retrain(interaction.guild_id,
-                                                             interaction.user.id))
+        await answer(interaction, await self.core.retrain(interaction.guild_id,
+                                                          interaction.user.id))
 
     @tune.command(name="rollback", description="Go back to the previous model version")
+    @admin_only
     async def tune_rollback(self, interaction: discord.Interaction) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            text = await self.core.rollback(interaction.guild_id)
-            await self.watcher.sync_once()  # swap now rather than at the next poll
-            await _send(interaction, text)
+        text = await self.core.rollback(interaction.guild_id)
+        await self.watcher.sync_once()  # swap now rather than at the next poll
+        await answer(interaction, text)
 
     @tune.command(name="training", description="Turn training on or off for this server")
     @app_commands.describe(state="on or off")
+    @admin_only
     async def tune_training(self, interaction: discord.Interaction,
                             state: Literal["on", "off"]) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            await _send(interaction, await self.core.set_training(interaction.guild_id,
-                                                                  state == "on"))
+        await answer(interaction, await self.core.set_training(interaction.guild_id,
+                                                               state == "on"))
 
     @tune.command(name="schedule", description="When to retrain (5-field crontab, UTC)")
     @app_commands.describe(crontab="e.g. '0 4 * * *' = every day at 04:00 UTC")
+    @admin_only
     async def tune_schedule(self, interaction: discord.Interaction, crontab: str) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            await _send(interaction, await self.core.set_schedule(interaction.guild_id, crontab))
+        await answer(interaction, await self.core.set_schedule(interaction.guild_id, crontab))
 
     @tune.command(name="persona", description="This server's system prompt (empty resets it)")
     @app_commands.describe(text="How the bot should behave here; leave empty to reset")
+    @admin_only
     async def tune_persona(self, interaction: discord.Interaction,
                            text: str | None = None) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            await _send(interaction, await self.core.set_persona(interaction.guild_id, text))
+        await answer(interaction, await self.core.set_persona(interaction.guild_id, text))
 
     @tune.command(name="channels", description="Channels where the bot answers every message")
     @app_commands.describe(action="add, remove or list", channel="the channel")
+    @admin_only
     async def tune_channels(self, interaction: discord.Interaction,
                             action: Literal["add", "remove", "list"],
                             channel: discord.TextChannel | None = None) -> None:
-        if not await self._admin_ok(interaction):
-            return
         assert interaction.guild_id is not None
-        async with self._known_errors(interaction):
-            await _send(interaction, await self.core.channels(
-                interaction.guild_id, action, channel.id if channel else None))
+        await answer(interaction, await self.core.channels(
+            interaction.guild_id, action, channel.id if channel else None))
 
 
 def services_interval(services: Services) -> float:

@@ -17,10 +17,12 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, AsyncIterator, TextIO
 
+from bot.context import Turn, merge_context
+from bot.core import Core, UserError, unstorable
 from bot.engine import Engine, GenerationRequest, GenerationResult
-from bot.handlers import (AdapterWatcher, Core, Turn, UserError, consent_statement, merge_context,
-                          unstorable)
 from bot.services import Services
+from bot.watcher import AdapterWatcher
+from guildtune.data_statement import consent_statement
 from storage.times import format_utc
 
 HELP = """commands:

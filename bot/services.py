@@ -1,6 +1,6 @@
 """The handlers' dependencies in one small typed container (RoboDanny's "bot as services").
 
-Discord, the console and the tests build one ``Services`` and hand it to ``bot.handlers.Core``;
+Discord, the console and the tests build one ``Services`` and hand it to ``bot.core.Core``;
 tests and the console inject fakes (engine, clock) here instead of patching modules.
 """
 

@@ -81,7 +81,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     """Per guild: consented users, interactions, ratings, active version, queued runs; a
     tainted active version is marked, with what will replace it (``active_tainted``)."""
     # No discord, no torch in it; the same words as /tune status.
-    from bot.handlers import StatusReport
+    from bot.status import StatusReport
 
     store = _store(cfg)
     try:

@@ -152,7 +152,7 @@ class Demo:
     # -- the replay ------------------------------------------------------------------------------
 
     async def chat_once(self, core: Any, g: DemoGuild, phase: str, rng: random.Random) -> None:
-        from bot.handlers import Turn
+        from bot.context import Turn
 
         member = g.members[rng.randrange(len(g.members))]
         text = next(self.prompt_iter[g.guild_id])
@@ -186,8 +186,9 @@ class Demo:
     async def run(self) -> Path:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from bot.handlers import AdapterWatcher, Core
+        from bot.core import Core
         from bot.services import build_services
+        from bot.watcher import AdapterWatcher
         from guildtune.schedule import enqueue_due
         from trainer.worker import run_worker
 

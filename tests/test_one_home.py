@@ -171,7 +171,7 @@ def _store_at(cfg_file: Path) -> Store:
 # the guild's switch as a column and is not scanned.
 READS_ALLOWED = {
     "guildtune/policy.py": "the home",
-    "bot/handlers.py": "StatusReport shows both switches as facts (the 'Training' field)",
+    "bot/status.py": "StatusReport shows both switches as facts (the 'Training' field)",
     "bot/runner.py": "spawn_worker starts a worker only when the operator enabled training; "
                      "not part of this change, should call guildtune.policy.operator_block",
 }

@@ -30,7 +30,8 @@ from bot.engine.base import (FALLBACK_TEXT, AdapterError, Engine, EngineError, G
                              GenerationResult)
 from bot.engine.slots import AdapterSlots
 from guildtune.adapter_dir import validate_adapter_dir
-from guildtune.prompting import render_ids, special_strings
+from guildtune.prompting import (prompt_ids_within, render_ids, serving_budget,
+                                  special_strings)
 
 if TYPE_CHECKING:
     from guildtune.config import LoraConfig, ModelConfig
@@ -385,43 +386,12 @@ class LocalEngine(Engine):
                           specials=self._specials)
 
     def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
-        """Rendered prompt trimmed to max_context_tokens - max_new_tokens: leading system
-        messages stay, the oldest turns go first; an overlong newest turn keeps its end."""
-        budget = max(self._cfg.max_context_tokens - max_new_tokens,
-                     self._cfg.max_context_tokens // 4)
+        """Rendered prompt within ``serving_budget`` (max_context_tokens - max_new_tokens),
+        trimmed by the rule training uses too (``guildtune.prompting.fit_messages``): system
+        messages stay, the oldest turns go whole, an overlong newest turn keeps its end."""
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                     m.get("role") not in ("system", "user", "assistant"):
                 raise ValueError("each message needs role system/user/assistant and str content")
-        n_sys = 0
-        while n_sys < len(messages) and messages[n_sys]["role"] == "system":
-            n_sys += 1
-        system, turns = list(messages[:n_sys]), list(messages[n_sys:])
-        for start in range(len(turns) + 1):
-            ids = self.render_ids(system + turns[start:])
-            if len(ids) <= budget:
-                if start:
-                    log.debug("context trimmed: dropped %d oldest turns", start)
-                return ids
-            if start == len(turns) - 1:
-                break  # only the newest turn left: shorten it instead of dropping it
-        msgs = system + turns[-1:]
-        for _ in range(4):  # shorten the longest-to-blame message until it fits
-            ids = self.render_ids(msgs)
-            over = len(ids) - budget
-            if over <= 0:
-                return ids
-            idx = len(msgs) - 1 if turns else 0
-            content_ids = self._tok(msgs[idx]["content"], add_special_tokens=False,
-                                    split_special_tokens=True)["input_ids"]
-            keep = max(len(content_ids) - over - 8, 0)
-            if keep == 0 and idx > 0:  # the system prompt itself is too long: cut its end
-                idx = 0
-                content_ids = self._tok(msgs[0]["content"], add_special_tokens=False,
-                                        split_special_tokens=True)["input_ids"]
-                keep = max(len(content_ids) - over - 8, 0)
-                msgs[0] = {**msgs[0], "content": self._tok.decode(content_ids[:keep])}
-                continue
-            msgs[idx] = {**msgs[idx], "content": self._tok.decode(content_ids[-keep:] if keep
-                                                                   else [])}
-        return self.render_ids(msgs)[-budget:]
+        budget = serving_budget(self._cfg.max_context_tokens, max_new_tokens)
+        return prompt_ids_within(self._tok, messages, budget, specials=self._specials)
