@@ -7,7 +7,8 @@ tests and the console inject fakes (engine, clock) here instead of patching modu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,3 +53,25 @@ async def build_services(config: Config, *, engine: Engine | None = None) -> Ser
             raise
         owned.add("engine")
     return Services(config=config, store=store, engine=engine, owned=owned)
+
+
+@asynccontextmanager
+async def open_services(config: Config, *, engine: Engine | None = None,
+                        ) -> AsyncIterator[Services]:
+    """The services of a front end that owns them (console, demo): the store and the engine,
+    started, for the length of one ``async with``; on the way out what was opened here is
+    closed, engine first (discord.py's ``advanced_startup``: whoever opens a resource owns it).
+    The extension (``bot.setup``) hands them to the Cog instead, which closes them in
+    ``cog_unload``."""
+    import asyncio
+
+    services = await build_services(config, engine=engine)
+    try:
+        if "engine" in services.owned:
+            await services.engine.start()
+        yield services
+    finally:
+        if "engine" in services.owned:
+            await services.engine.close()
+        if "store" in services.owned:
+            await asyncio.to_thread(services.store.close)

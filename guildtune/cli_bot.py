@@ -69,20 +69,13 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
     """guildtune console --guild NAME"""
     from bot.console import EchoEngine, run_console
-    from bot.services import build_services
+    from bot.services import open_services
 
     async def main() -> int:
         engine = EchoEngine() if args.engine == "echo" else None
-        services = await build_services(cfg, engine=engine)
-        try:
-            if "engine" in services.owned:
-                await services.engine.start()
+        async with open_services(cfg, engine=engine) as services:
             return await run_console(services, args.guild, user=args.user, stdin=sys.stdin,
                                      out=sys.stdout)
-        finally:
-            if "engine" in services.owned:
-                await services.engine.close()
-            await asyncio.to_thread(services.store.close)
 
     try:
         return asyncio.run(main())

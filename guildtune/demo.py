@@ -13,8 +13,6 @@ This module is a UI: it prints progress on purpose.
 
 from __future__ import annotations
 
-from storage.times import utc_now
-
 import asyncio
 import itertools
 import json
@@ -26,10 +24,12 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from storage.times import utc_now
 
 from .community import ChatMessage, read_community, reply_pairs
 from .config import Config
@@ -187,15 +187,15 @@ class Demo:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from bot.core import Core
-        from bot.services import build_services
+        from bot.services import open_services
         from bot.watcher import AdapterWatcher
         from guildtune.schedule import enqueue_due
         from trainer.worker import run_worker
 
+        resources = AsyncExitStack()  # one owner: open_services closes what it opened
         with self.stage(f"load {self.cfg.model.name} and open the store"):
-            services = await build_services(self.cfg)
+            services = await resources.enter_async_context(open_services(self.cfg))
             services.clock = _FastClock()  # the replay is faster than any human rate limit
-            await services.engine.start()
             store = services.store
         core = Core(services)
         watcher = AdapterWatcher(services, interval=0.5)
@@ -256,8 +256,7 @@ class Demo:
             self.privacy = self.privacy_report(store)
         finally:
             await watcher.stop()
-            await services.engine.close()
-            store.close()
+            await resources.aclose()
         with self.stage("held-out loss matrix"):
             await asyncio.to_thread(self.loss_matrix)
         return self.write_report()
