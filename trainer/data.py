@@ -54,9 +54,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from guildtune import prompting
 from guildtune.community import ChatMessage, stable_hash
 from guildtune.community import reply_pairs as file_reply_pairs
-from guildtune.prompting import merge_turns
+from guildtune.prompting import CHARS_PER_TOKEN, merge_turns
 
 from .scrub import scrub
 
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
 RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
-CHARS_PER_TOKEN = 3  # the estimate's rate; BPE tokenizers give ~3-4 characters a token on chat
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,9 @@ def is_heldout(example: Example, fraction: float) -> bool:
 
 
 def system_prompt(store: Any, guild_id: int, default: str) -> str:
-    """The guild's persona when an admin set one, else the configured system prompt."""
-    persona = store.guild_settings(guild_id).persona
-    return persona.strip() if persona and persona.strip() else default
+    """The guild's persona when an admin set one, else the configured system prompt: the rule
+    the bot serves with (``guildtune.prompting.system_prompt``)."""
+    return prompting.system_prompt(store.guild_settings(guild_id).persona, default)
 
 
 def _clean(text: str | None) -> str:

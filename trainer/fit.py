@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from guildtune.prompting import render_ids
+from guildtune.prompting import (TemplateTokens, fit_messages, prompt_ids_within,
+                                 render_ids)
 
 from .data import Example
 
@@ -84,38 +85,57 @@ def _render(tokenizer: Any, chat: list[dict[str, str]], gen_prompt: bool) -> lis
     return render_ids(tokenizer, chat, add_generation_prompt=gen_prompt)
 
 
-def encode(tokenizer: Any, example: Example, max_len: int) -> Encoded | None:
-    """Ids and labels: only the final assistant turn is labelled (earlier bot turns in the
-    context were not necessarily liked). The prompt is rendered with the generation prompt and
-    must be a prefix of the full chat, which holds for ChatML-style templates with or without
-    {% generation %} tags; otherwise the template's assistant mask is used."""
-    chat = example.chat()
+def _prompt_and_target(tokenizer: Any, chat: list[dict[str, str]]
+                       ) -> tuple[list[int], list[int], bool] | None:
+    """The prompt's ids, the final assistant turn's ids, and whether the prompt is the served
+    one (rendered with the generation prompt, a prefix of the full chat: ChatML-style templates
+    with or without {% generation %} tags); otherwise the template's assistant mask splits."""
     full = _render(tokenizer, chat, False)
     prompt = _render(tokenizer, chat[:-1], True)
     if full[:len(prompt)] == prompt:
-        target = full[len(prompt):]
-    else:
-        enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        mask = list(enc["assistant_masks"])
-        last = max((i for i, m in enumerate(mask) if m), default=-1)
-        if last < 0:
-            return None
-        start = last
-        while start > 0 and mask[start - 1]:
-            start -= 1
-        full = list(enc["input_ids"])
-        prompt, target = full[:start], full[start:last + 1]
+        return prompt, full[len(prompt):], True
+    enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    mask = list(enc["assistant_masks"])
+    last = max((i for i, m in enumerate(mask) if m), default=-1)
+    if last < 0:
+        return None
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    full = list(enc["input_ids"])
+    return full[:start], full[start:last + 1], False
+
+
+def encode(tokenizer: Any, example: Example, max_len: int) -> Encoded | None:
+    """Ids and labels: only the final assistant turn is labelled (earlier bot turns in the
+    context were not necessarily liked).
+
+    Too long for ``max_len``: the target keeps its start (three quarters of ``max_len``, or
+    all the prompt leaves), and the prompt is trimmed to the rest by the rule serving uses
+    (``guildtune.prompting.fit_messages``: system prompt kept, oldest turns dropped whole,
+    an overlong newest turn keeps its end), so a trimmed example is a prompt the bot serves."""
+    chat = example.chat()
+    split = _prompt_and_target(tokenizer, chat)
+    if split is None:
+        return None
+    prompt, target, served = split
     # Keep the end-of-turn token, drop what the template appends after it (a newline).
     eos = tokenizer.eos_token_id
     if eos is not None and eos in target:
         target = target[:target.index(eos) + 1]
     if not target:
         return None
-    # Too long: keep the start of the target and the end of the prompt (the message answered).
     keep_target = min(len(target), max(max_len * 3 // 4, max_len - len(prompt)))
     target = target[:keep_target]
-    prompt = prompt[-(max_len - keep_target):] if max_len > keep_target else []
+    budget = max_len - keep_target
+    if len(prompt) > budget:
+        if served:
+            prompt = prompt_ids_within(tokenizer, chat[:-1], budget)
+        else:
+            fitted = fit_messages(chat[:-1], TemplateTokens(tokenizer), budget)
+            resplit = _prompt_and_target(tokenizer, [*fitted, chat[-1]])
+            prompt = resplit[0][-budget:] if resplit is not None and budget > 0 else []
     return Encoded(prompt + target, [IGNORE] * len(prompt) + target, example.weight,
                    example.desirable)
 
