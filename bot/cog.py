@@ -22,8 +22,17 @@ from bot.checks import ADMIN_PERMISSIONS, NOT_ADMIN, admin_ok, admin_only
 from bot.context import Turn, merge_context, reply_reason
 from bot.core import Core, UserError
 from bot.services import Services
-from bot.ui import (COG_NAME, NO_MENTIONS, THUMBS, ConsentView, DiscordReply, ForgetView,
-                    RateButton, SuggestButton, answer)
+from bot.ui import (
+    COG_NAME,
+    NO_MENTIONS,
+    THUMBS,
+    ConsentView,
+    DiscordReply,
+    ForgetView,
+    RateButton,
+    SuggestButton,
+    answer,
+)
 from bot.watcher import AdapterWatcher
 from guildtune.data_statement import consent_statement
 from storage.times import format_utc

@@ -12,10 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guildtune.prompting import merge_turns
+from guildtune.prompting import CHARS_PER_TOKEN, estimate_chat
 from storage.times import to_utc
-
-CHARS_PER_TOKEN = 3  # conservative: the engine truncates exactly, this only keeps prompts sane
 
 
 def reply_reason(*, is_bot: bool, is_system: bool, mentions_everyone: bool, is_dm: bool,
@@ -84,21 +82,9 @@ def merge_context(chain: Sequence[Turn], recent: Sequence[Turn], current: Turn,
 
 
 def chat_messages(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> list[dict[str, str]]:
-    """Chat messages for the engine: system prompt + turns within a character budget.
-
-    Oldest turns go first when over budget; the current (last) turn always stays, cut from its
-    start if it alone is too long. Consecutive user turns are merged: many chat templates expect
-    alternating roles.
-    """
-    budget = max(max_chars - len(system_prompt), 200)
-    kept: list[Turn] = []
-    used = 0
-    for t in reversed(turns):
-        if kept and used + len(t.text) > budget:
-            break
-        kept.append(t)
-        used += len(t.text)
-    kept.reverse()
-    turns = merge_turns((t.role, t.text[-budget:]) for t in kept)
-    return [{"role": "system", "content": system_prompt},
-            *({"role": role, "content": text} for role, text in turns)]
+    """Chat messages for the engine: system prompt + turns within a character budget, by the
+    one rule serving and training share (``guildtune.prompting.fit_messages``): oldest turns go
+    first, the current (last) turn always stays, cut from its start if it alone is too long;
+    consecutive user turns are merged (many chat templates expect alternating roles)."""
+    return estimate_chat(system_prompt, [(t.role, t.text) for t in turns],
+                         max_chars // CHARS_PER_TOKEN)

@@ -26,7 +26,14 @@ from bot.engine import GenerationRequest, GenerationResult
 from bot.replies import RateLimiter, ReplyChannel, split_reply
 from bot.services import Services
 from bot.status import StatusReport, like_rate_chart
-from guildtune.policy import OPERATOR_OFF, SYNC_JOB, explain, operator_block, training_block
+from guildtune.policy import (
+    OPERATOR_OFF,
+    SYNC_JOB,
+    explain,
+    operator_block,
+    training_block,
+)
+from guildtune.prompting import serving_budget, system_prompt
 from storage.store import StoreBusyError, StoreFullError
 
 log = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ class Core:
         if guild_id is None:
             return self.s.config.model.system_prompt
         gs = await self.settings(guild_id)
-        return gs.persona or self.s.config.model.system_prompt
+        return system_prompt(gs.persona, self.s.config.model.system_prompt)
 
     # -- chat ------------------------------------------------------------------------------------
 
@@ -180,7 +187,7 @@ class Core:
         if guild_id is not None:
             self.guild_limits.hit(guild_id)
         m = self.s.config.model
-        max_chars = max(m.max_context_tokens - m.max_new_tokens, 64) * CHARS_PER_TOKEN
+        max_chars = serving_budget(m.max_context_tokens, m.max_new_tokens) * CHARS_PER_TOKEN
         msgs = chat_messages(await self.persona(guild_id), turns, max_chars)
         async with channel.typing():
             # DMs use the base model: no guild, so no guild's adapter and nothing logged.

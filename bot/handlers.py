@@ -14,10 +14,30 @@ Import from the modules that hold them in new code:
 
 from __future__ import annotations
 
-from bot.context import CHARS_PER_TOKEN, Turn, chat_messages, merge_context, reply_reason
-from bot.core import (OPERATOR_TRAINING_OFF, PERSONA_MAX_CHARS, SETTINGS_TTL_S, ChatOutcome, Core,
-                      UserError, forget_text, unstorable)
-from bot.replies import DISCORD_LIMIT, FENCE_LANG_MAX, RateLimiter, ReplyChannel, split_reply
+from bot.context import (
+                      CHARS_PER_TOKEN,
+                      Turn,
+                      chat_messages,
+                      merge_context,
+                      reply_reason,
+)
+from bot.core import (
+                      OPERATOR_TRAINING_OFF,
+                      PERSONA_MAX_CHARS,
+                      SETTINGS_TTL_S,
+                      ChatOutcome,
+                      Core,
+                      UserError,
+                      forget_text,
+                      unstorable,
+)
+from bot.replies import (
+                      DISCORD_LIMIT,
+                      FENCE_LANG_MAX,
+                      RateLimiter,
+                      ReplyChannel,
+                      split_reply,
+)
 from bot.status import StatusReport
 from bot.watcher import AdapterWatcher
 from guildtune.data_statement import consent_statement

@@ -19,8 +19,8 @@ A version directory ``<adapters_dir>/<guild_id>/<version>/`` holds:
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import shutil
 import struct

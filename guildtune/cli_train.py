@@ -63,8 +63,13 @@ def _store(cfg: Config) -> Any:
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     """Foreground training with a progress bar; prints the gate's numbers."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from trainer.pipeline import TrainingError
     from trainer.worker import train_foreground

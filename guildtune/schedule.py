@@ -15,7 +15,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from guildtune.policy import RETENTION_JOB, SYNC_JOB, TRAIN_JOB_PREFIX, may_train, operator_block
+from guildtune.policy import (
+    RETENTION_JOB,
+    SYNC_JOB,
+    TRAIN_JOB_PREFIX,
+    may_train,
+    operator_block,
+)
 
 if TYPE_CHECKING:
     from guildtune.config import Config

@@ -27,8 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from guildtune.prompting import (TemplateTokens, fit_messages, prompt_ids_within,
-                                 render_ids)
+from guildtune.prompting import (
+    TemplateTokens,
+    fit_messages,
+    prompt_ids_within,
+    render_ids,
+)
 
 from .data import Example
 

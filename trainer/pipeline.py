@@ -60,12 +60,12 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     that fails the gate is not published; the result says ``rejected`` with the numbers.
     ``should_stop`` is polled during the fit and once more right before publishing.
     """
+    from storage import ConsentChangedError, utc_now
+
     from .data import build_dataset
     from .evaluate import adapter_loss, base_loss, gate, heldout_loss
     from .fit import fit
     from .publish import publish
-
-    from storage import ConsentChangedError, utc_now
 
     check_allowed(store, cfg, guild_id, force)
     t0 = time.perf_counter()

@@ -16,8 +16,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bot.engine.base import (BASE_ADAPTER, FALLBACK_TEXT, AdapterError, Engine, EngineError,
-                             GenerationRequest, GenerationResult, adapter_name)
+from bot.engine.base import (
+    BASE_ADAPTER,
+    FALLBACK_TEXT,
+    AdapterError,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    adapter_name,
+)
 from bot.engine.factory import create_engine
 from bot.engine.local import LocalEngine
 from guildtune.adapter_dir import validate_adapter_dir

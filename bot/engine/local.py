@@ -26,12 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from bot.engine.base import (FALLBACK_TEXT, AdapterError, Engine, EngineError, GenerationRequest,
-                             GenerationResult)
+from bot.engine.base import (
+    FALLBACK_TEXT,
+    AdapterError,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+)
 from bot.engine.slots import AdapterSlots
 from guildtune.adapter_dir import validate_adapter_dir
-from guildtune.prompting import (prompt_ids_within, render_ids, serving_budget,
-                                  special_strings)
+from guildtune.prompting import (
+    prompt_ids_within,
+    render_ids,
+    serving_budget,
+    special_strings,
+)
 
 if TYPE_CHECKING:
     from guildtune.config import LoraConfig, ModelConfig

@@ -27,8 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot.engine.base import (FALLBACK_TEXT, AdapterError, Engine, EngineError, GenerationRequest,
-                             GenerationResult)
+from bot.engine.base import (
+    FALLBACK_TEXT,
+    AdapterError,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+)
 from guildtune.adapter_dir import validate_adapter_dir
 
 if TYPE_CHECKING:
