@@ -1,15 +1,94 @@
-"""Small fakes for the bot tests: an engine that returns queued replies, fake interactions."""
+"""The shared test kit: one config factory, small fakes and seeded data.
+
+- ``make_config`` / ``write_config``: the one config factory (a ``Config``, or the same as a
+  TOML file for the CLI and subprocess tests); presets and keyword sections override key by key.
+- ``make_services`` / ``make_cog``: the bot's service container and Cog on those configs.
+- ``FakeEngine`` (queued replies), ``FakeScheduler``, ``RecordingChannel`` (the one
+  ``ReplyChannel``), fake interactions for slash-command callbacks.
+- dpytest plumbing (``cog_on_dpytest``, ``deliver``, ``inject``, ``sent``); the ``env`` fixture
+  built on it lives in conftest.py.
+- seeded communities for the trainer tests (``import_pairs``, ``import_style``).
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import random
 from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bot.engine import AdapterError, Engine, GenerationRequest, GenerationResult
+from bot.handlers import DISCORD_LIMIT
 from bot.services import Services
 from guildtune.config import Config, parse_config
+from storage import Store
 from storage.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+IRC = ROOT.parent / "shared" / "data" / "irc"  # real communities, where the checkout has them
+
+# -- the config factory ---------------------------------------------------------------------------
+
+Sections = Mapping[str, Mapping[str, Any]]
+
+TINY: Sections = {"model": {"name": "tiny"}}
+# A worker that trains the tiny model in a second or two.
+TINY_TRAINER: Sections = {
+    "model": {"name": "tiny"},
+    "lora": {"rank": 4, "alpha": 8},
+    "training": {"enabled": True, "epochs": 1.0, "batch_size": 16, "max_seq_len": 64,
+                 "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2},
+}
+# Long enough for the tiny model to pick up a community's style (the end-to-end tests).
+STYLE_TRAINER: Sections = {
+    "model": {"name": "tiny"},
+    "lora": {"rank": 8, "alpha": 16},
+    "training": {"enabled": True, "epochs": 3.0, "batch_size": 16, "max_seq_len": 96,
+                 "learning_rate": 3e-3, "eval_margin": 0.01, "heldout_fraction": 0.2,
+                 "lease_seconds": 30},
+}
+
+
+def config_data(data_dir: Path, *presets: Sections, **sections: Mapping[str, Any]
+                ) -> dict[str, dict[str, Any]]:
+    """The TOML document: data in ``data_dir``, then each preset, then each keyword section,
+    each overriding only the keys it names (``training={"enabled": False}`` keeps the rest)."""
+    data: dict[str, dict[str, Any]] = {"storage": {"data_dir": str(data_dir)}}
+    for layer in (*presets, sections):
+        for name, keys in layer.items():
+            data.setdefault(name, {}).update(keys)
+    return data
+
+
+def make_config(tmp_path: Path, *presets: Sections, env: Mapping[str, str] | None = None,
+                **sections: Mapping[str, Any]) -> Config:
+    """The config tests run on: data in ``tmp_path``; no token unless ``env`` gives one."""
+    data = config_data(tmp_path, *presets, **sections)
+    return parse_config(data, env={} if env is None else env)
+
+
+def write_config(tmp_path: Path, *presets: Sections, **sections: Mapping[str, Any]) -> Path:
+    """The same config as ``tmp_path/config.toml``, data in ``tmp_path/data`` unless
+    ``storage={"data_dir": ...}`` says otherwise; for the CLI and spawned processes."""
+    lines: list[str] = []
+    for name, keys in config_data(tmp_path / "data", *presets, **sections).items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]  # JSON values are TOML
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(cfg_file: Path, *args: str) -> int:
+    """``guildtune --config CFG_FILE ARGS...`` in-process; the exit code."""
+    from guildtune.cli import main
+
+    return main(["--config", str(cfg_file), *args])
 
 
 class FakeEngine(Engine):
@@ -62,17 +141,48 @@ class FakeScheduler:
         self.shutdowns += 1
 
 
-def make_config(tmp_path: Path, **sections: Any) -> Config:
-    data: dict[str, Any] = {"storage": {"data_dir": str(tmp_path)}}
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
-    return parse_config(data, env={})
-
-
-def make_services(tmp_path: Path, *, engine: FakeEngine | None = None, **sections: Any) -> Services:
-    cfg = make_config(tmp_path, **sections)
+def make_services(tmp_path: Path, *presets: Sections, engine: Engine | None = None,
+                  **sections: Mapping[str, Any]) -> Services:
+    """Services on ``make_config(tmp_path, ...)``, a store at ``tmp_path/x.db`` and ``engine``
+    (a fresh ``FakeEngine`` by default)."""
+    cfg = make_config(tmp_path, *presets, **sections)
     return Services(config=cfg, store=open_store(tmp_path / "x.db"),
                     engine=engine or FakeEngine(), watch_interval=0.05)
+
+
+async def make_cog(tmp_path: Path, *presets: Sections, **sections: Mapping[str, Any]) -> Any:
+    """(bot, cog, services): the Cog added to a bare ``commands.Bot`` (no gateway), for
+    slash-command callbacks driven with ``FakeInteraction``."""
+    import discord
+    from discord.ext import commands
+
+    from bot.cog import GuildTuneCog
+
+    services = make_services(tmp_path, *presets, **sections)
+    bot = commands.Bot(command_prefix="!", intents=discord.Intents.none())
+    cog = GuildTuneCog(bot, services)
+    await bot.add_cog(cog)
+    return bot, cog, services
+
+
+class RecordingChannel:
+    """The ``ReplyChannel`` of the tests: keeps each part sent, checks Discord's rules for a
+    message (a non-blank str within the 2,000-character limit, no NUL), answers fresh ids."""
+
+    _ids = itertools.count(10**15)  # shared: ids never repeat across channels
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    @asynccontextmanager
+    async def typing(self) -> AsyncIterator[None]:
+        yield
+
+    async def send(self, text: str, *, first: bool, last: bool) -> int:
+        assert isinstance(text, str) and 0 < len(text) <= DISCORD_LIMIT and text.strip()
+        assert "\x00" not in text
+        self.parts.append(text)
+        return next(self._ids)
 
 
 class Perms:
@@ -149,3 +259,123 @@ class FakeInteraction:
     def text(self) -> str:
         """All text answered so far."""
         return "\n".join(str(s.get("content") or "") for s in self.sent)
+
+
+# -- the Cog through dpytest ----------------------------------------------------------------------
+
+@asynccontextmanager
+async def cog_on_dpytest(services: Services, *, guilds: int = 1,
+                         members: int = 2) -> AsyncIterator[SimpleNamespace]:
+    """The Cog on a dpytest bot: ``bot``, ``cog``, ``s`` (services), ``errors`` and ``config``
+    (dpytest's guilds, channels, members). A handler exception is collected in ``errors`` and
+    fails the test on exit; the services' store is closed then."""
+    import asyncio
+    import sys
+
+    import discord
+    import discord.ext.test as dpytest
+    from discord.ext import commands
+    from discord.ext.test import backend
+
+    from bot.cog import GuildTuneCog
+
+    bot = commands.Bot(command_prefix="!", intents=discord.Intents.all())
+    await bot._async_setup_hook()  # what bot.start() would run; dpytest never starts the bot
+    dpytest.configure(bot, guilds=guilds, members=members)
+    # dpytest leaves the state's loop unset; Typing (the typing indicator) schedules on it.
+    backend.get_state().loop = asyncio.get_running_loop()
+    errors: list[BaseException] = []
+
+    async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
+        errors.append(sys.exc_info()[1])  # type: ignore[arg-type]
+
+    bot.on_error = on_error  # after configure: dpytest installs its own wrapper
+    cog = GuildTuneCog(bot, services)
+    await bot.add_cog(cog)
+    yield SimpleNamespace(bot=bot, cog=cog, s=services, errors=errors,
+                          config=dpytest.get_config())
+    await bot.remove_cog(cog.qualified_name)
+    await dpytest.empty_queue()
+    services.store.close()
+    assert not errors, errors
+
+
+def sent() -> list[Any]:
+    """The messages the bot sent since the last call (dpytest's queue, drained)."""
+    import discord.ext.test as dpytest
+
+    out = []
+    while not dpytest.sent_queue.empty():
+        out.append(dpytest.get_message())
+    return out
+
+
+async def deliver(channel: Any, data: dict[str, Any]) -> Any:
+    """Hand a raw MESSAGE_CREATE payload to the bot as Discord would; the ``discord.Message``.
+    (dpytest has no public way to post a payload it did not build itself.)"""
+    import discord.ext.test as dpytest
+    from discord.ext.test import backend
+
+    state = backend.get_state()
+    state.parse_message_create(data)
+    backend._cur_config.messages.setdefault(channel.id, []).append(data)
+    await dpytest.run_all_events()
+    return state._get_message(data["id"])
+
+
+async def inject(channel: Any, author: Any, content: str, **extra: Any) -> Any:
+    """A message with fields dpytest.message cannot set (reference, type, @everyone)."""
+    from discord.ext.test import backend, factories
+
+    reference = extra.pop("reference", None)
+    data = factories.make_message_dict(channel, author, content=content,
+                                       mentions=backend.find_user_mentions(content, channel.guild),
+                                       **extra)
+    if reference is not None:
+        data["message_reference"] = {"message_id": reference.id, "channel_id": channel.id,
+                                     "guild_id": channel.guild.id}
+        data["referenced_message"] = factories.dict_from_message(reference)
+    return await deliver(channel, data)
+
+
+# -- seeded communities for the trainer ----------------------------------------------------------
+
+def import_pairs(store: Store, guild: int, n: int = 80) -> None:
+    """``n`` numbered question/answer pairs among ten members, imported with learning from
+    humans and training on."""
+    rows = []
+    for i in range(n):
+        rows.append({"message_id": 2 * i + 1, "user_id": 1 + i % 9, "text": f"question {i}?",
+                     "created_utc": f"2024-02-01T00:{i % 60:02d}:00"})
+        rows.append({"message_id": 2 * i + 2, "user_id": 2 + i % 9, "text": f"answer {i} ok",
+                     "reply_to_message_id": 2 * i + 1,
+                     "created_utc": f"2024-02-01T00:{i % 60:02d}:01"})
+    store.import_messages(guild, rows)
+    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
+
+
+WORDS = ("rust linux code build test cargo kernel patch module error crate driver thread "
+         "memory file system package release branch commit").split()
+QUESTIONS = ["how do I fix the {w}?", "anyone seen the {w} issue?", "what about {w} today",
+             "is the {w} ok", "why does {w} fail", "need help with {w}"]
+STYLES = {
+    # Two registers a tiny model can tell apart within a few dozen steps.
+    "pirate": lambda w, r: f"arr matey, the {w} be fine, yo ho ho {r.choice(WORDS)}",
+    "robot": lambda w, r: f"BEEP. {w.upper()} STATUS: NOMINAL. BOOP {r.randint(0, 9)}.",
+}
+
+
+def import_style(store: Store, guild: int, style: str, n: int = 120, seed: int = 0) -> None:
+    """``n`` (question, styled answer) pairs among 12 members, imported like a JSONL file."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        w = r.choice(WORDS)
+        asker, answerer = r.sample(range(1000 + guild * 100, 1012 + guild * 100), 2)
+        t = f"2024-01-{1 + i // 40:02d}T{(i // 4) % 10:02d}:{i % 60:02d}:00"
+        rows.append({"message_id": 2 * i + 1, "user_id": asker, "created_utc": t,
+                     "text": r.choice(QUESTIONS).format(w=w)})
+        rows.append({"message_id": 2 * i + 2, "user_id": answerer, "created_utc": t,
+                     "text": STYLES[style](w, r), "reply_to_message_id": 2 * i + 1})
+    store.import_messages(guild, rows)
+    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_adapters import TINY_LORA
 
 from bot.handlers import AdapterWatcher
 from guildtune.adapter_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterError,
                                    adapter_meta, validate_adapter_dir)
 from guildtune.models import TINY_BASE_ID
 from tests.fakes import FakeEngine, make_services
+from tests.helpers_adapters import TINY_LORA
 
 # Guild 1 v1: ``true`` and ``1.0`` both equal 1 in Python, which the type checks must refuse.
 G, V = 1, 1

@@ -10,14 +10,13 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-import discord
 import pytest
 from discord import app_commands
-from discord.ext import commands
 
+from bot.checks import admin_ok
 from bot.cog import NOT_ADMIN, GuildTuneCog
 from bot.console import Console, EchoEngine
-from tests.fakes import FakeInteraction, FakeUser, make_services
+from tests.fakes import FakeInteraction, FakeUser, make_cog, make_services
 
 G = 111
 OTHER_G = 222
@@ -42,10 +41,7 @@ class NoPermsUser:
 
 @pytest.fixture
 async def env(tmp_path: Path):
-    s = make_services(tmp_path, training={"enabled": True})
-    bot = commands.Bot(command_prefix="!", intents=discord.Intents.none())
-    cog = GuildTuneCog(bot, s)
-    await bot.add_cog(cog)
+    bot, cog, s = await make_cog(tmp_path, training={"enabled": True})
     s.store.register_version(G, 1, "/nowhere", base_model="tiny", lora={}, contributors={},
                              activate=True)
     s.store.register_version(G, 2, "/nowhere2", base_model="tiny", lora={}, contributors={},
@@ -82,13 +78,13 @@ async def test_tune_refused_without_manage_server(env, who: str) -> None:
             args = ("add", type("Chan", (), {"id": 555})())
         await cmd.callback(cog, i, *args)
         assert i.text == NOT_ADMIN and i.sent[0]["ephemeral"], (name, i.sent)
-        assert await cog._admin_ok(FakeInteraction(bot, i.guild_id, user)) is False
+        assert await admin_ok(FakeInteraction(bot, i.guild_id, user)) is False
     assert _state(s) == before  # nothing changed: no run, no persona, no rollback
 
 
 async def test_the_permission_check_and_its_error_path(env) -> None:
     bot, cog, s = env
-    assert await cog._admin_ok(FakeInteraction(bot, G, ADMIN)) is True
+    assert await admin_ok(FakeInteraction(bot, G, ADMIN)) is True
     assert cog.tune.default_permissions.manage_guild and cog.tune.guild_only
     # A CheckFailure raised anywhere in the tree answers the refusal, ephemeral, nothing else.
     i = FakeInteraction(bot, G, ALICE)

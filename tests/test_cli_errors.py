@@ -15,16 +15,10 @@ from pathlib import Path
 import pytest
 
 from guildtune.cli import main
+from tests.fakes import TINY, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 7
-
-
-def config(tmp_path: Path, data_dir: str | Path | None = None, extra: str = "") -> Path:
-    p = tmp_path / "config.toml"
-    d = json.dumps(str(data_dir if data_dir is not None else tmp_path / "data"))
-    p.write_text(f'[storage]\ndata_dir = {d}\n[model]\nname = "tiny"\n{extra}')
-    return p
 
 
 def cli(capsys: pytest.CaptureFixture[str], cfg: Path, *args: str) -> tuple[int, list[str]]:
@@ -64,7 +58,7 @@ def community(tmp_path: Path, n: int = 4, name: str = "c.jsonl", **override: obj
 def test_a_number_out_of_range_in_a_community_file(tmp_path: Path, override: dict,
                                                    needle: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = cli(capsys, config(tmp_path), "import", "--guild", str(G),
+    rc, err = cli(capsys, write_config(tmp_path, TINY), "import", "--guild", str(G),
                   str(community(tmp_path, **override)))
     assert_one_line(rc, err, "c.jsonl:4: ", needle)
 
@@ -90,7 +84,7 @@ def _export(tmp_path: Path, **override: object) -> Path:
 ])
 def test_a_bad_id_in_a_discord_export(tmp_path: Path, override: dict, needle: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = cli(capsys, config(tmp_path), "import", "--guild", str(G),
+    rc, err = cli(capsys, write_config(tmp_path, TINY), "import", "--guild", str(G),
                   str(_export(tmp_path, **override)))
     assert_one_line(rc, err, "export.json: messages[1]: ", needle)
 
@@ -118,7 +112,7 @@ def _damage(db: Path, where: str) -> None:
 @pytest.fixture(params=["data", "migrations"])
 def damaged(request: pytest.FixtureRequest, tmp_path: Path,
             capsys: pytest.CaptureFixture[str]) -> Iterator[Path]:
-    cfg = config(tmp_path)
+    cfg = write_config(tmp_path, TINY)
     assert main(["--config", str(cfg), "import", "--guild", str(G),
                  str(community(tmp_path, 300))]) == 0
     db = tmp_path / "data" / "guildtune.db"
@@ -157,16 +151,18 @@ def test_a_damaged_database_prints_no_traceback(damaged: Path) -> None:
 def test_a_data_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "afile"
     f.write_text("not a directory")
+    cfg = write_config(tmp_path, TINY, storage={"data_dir": str(f)})
     for command in (("init",), ("status",), ("import", "--guild", "1",
                                              str(community(tmp_path)))):
-        rc, err = cli(capsys, config(tmp_path, f), *command)
+        rc, err = cli(capsys, cfg, *command)
         assert_one_line(rc, err, "storage.data_dir", "is a file, not a directory")
 
 
 def test_a_data_dir_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "afile"
     f.write_text("not a directory")
-    rc, err = cli(capsys, config(tmp_path, f / "data"), "init")
+    cfg = write_config(tmp_path, TINY, storage={"data_dir": str(f / "data")})
+    rc, err = cli(capsys, cfg, "init")
     assert_one_line(rc, err, "storage.data_dir", "cannot be created: Not a directory")
 
 
@@ -177,7 +173,8 @@ def test_an_unwritable_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[st
     d.mkdir()
     d.chmod(0o500)
     try:
-        rc, err = cli(capsys, config(tmp_path, d), "init")
+        rc, err = cli(capsys, write_config(tmp_path, TINY, storage={"data_dir": str(d)}),
+                      "init")
     finally:
         d.chmod(0o700)
     assert_one_line(rc, err, "storage.data_dir", "is not writable")
@@ -195,9 +192,10 @@ def test_a_data_dir_with_a_nul_character(tmp_path: Path,
 
 def test_lora_target_modules_the_model_does_not_have(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = config(tmp_path, extra='[lora]\nrank = 2\nalpha = 4\ntarget_modules = ["q_proj", '
-                 '"c_attn"]\n[training]\nenabled = true\nmax_steps = 2\nbatch_size = 4\n'
-                 'max_seq_len = 32\n')
+    cfg = write_config(tmp_path, TINY,
+                       lora={"rank": 2, "alpha": 4, "target_modules": ["q_proj", "c_attn"]},
+                       training={"enabled": True, "max_steps": 2, "batch_size": 4,
+                                 "max_seq_len": 32})
     assert main(["--config", str(cfg), "import", "--guild", str(G), "--learn-from-humans",
                  str(community(tmp_path, 60))]) == 0
     capsys.readouterr()
@@ -223,13 +221,14 @@ def umask_022() -> Iterator[None]:
 def test_init_creates_the_data_dir_0700(tmp_path: Path, umask_022: None,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "new" / "data"
-    assert main(["--config", str(config(tmp_path, data)), "init"]) == 0
+    cfg = write_config(tmp_path, TINY, storage={"data_dir": str(data)})
+    assert main(["--config", str(cfg), "init"]) == 0
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
 
 
 def test_export_out_writes_0600(tmp_path: Path, umask_022: None,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = config(tmp_path)
+    cfg = write_config(tmp_path, TINY)
     assert main(["--config", str(cfg), "import", "--guild", str(G),
                  str(community(tmp_path))]) == 0
     out = tmp_path / "member.json"

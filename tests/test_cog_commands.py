@@ -8,23 +8,14 @@ import json
 
 import discord
 import pytest
-from discord.ext import commands
 
-from bot.cog import NOT_ADMIN, POLITE_FAILURE, GuildTuneCog, RateButton, SuggestButton
+from bot.cog import NOT_ADMIN, POLITE_FAILURE, RateButton, SuggestButton
 from bot.handlers import OPERATOR_TRAINING_OFF
-from tests.fakes import FakeInteraction, FakeUser, make_services
+from tests.fakes import FakeInteraction, FakeUser, make_cog
 
 G = 111
 ALICE = FakeUser(201, name="alice")
 ADMIN = FakeUser(301, admin=True, name="admin")
-
-
-async def make_cog(tmp_path, **sections):
-    services = make_services(tmp_path, **sections)
-    bot = commands.Bot(command_prefix="!", intents=discord.Intents.none())
-    cog = GuildTuneCog(bot, services)
-    await bot.add_cog(cog)
-    return bot, cog, services
 
 
 @pytest.fixture

@@ -1,88 +1,14 @@
 """The Cog's listeners driven through dpytest: each trigger, each ignore rule, reactions,
-deletes. A handler exception fails the test (on_error is captured, reactions patched)."""
+deletes. A handler exception fails the test (the ``env`` fixture in conftest.py captures
+on_error and patches dpytest's reactions)."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from typing import Any
-
-import discord
 import discord.ext.test as dpytest
 import pytest
-from discord.ext import commands
-from discord.ext.test import backend, factories
+from discord.ext.test import backend
 
-from bot.cog import GuildTuneCog
-from tests.fakes import FakeEngine, make_services
-
-
-@pytest.fixture
-def reaction_patch(monkeypatch: pytest.MonkeyPatch) -> None:
-    # dpytest's reaction payloads lack "type" and "burst": discord.py would raise KeyError
-    # inside the handler (see ../shared/FACTS.md).
-    state = discord.state.ConnectionState
-    for name in ("parse_message_reaction_add", "parse_message_reaction_remove"):
-        orig = getattr(state, name)
-
-        def patched(self: Any, data: dict, _orig: Any = orig) -> Any:
-            data.setdefault("type", 0)
-            data.setdefault("burst", False)
-            return _orig(self, data)
-
-        monkeypatch.setattr(state, name, patched)
-
-
-@pytest.fixture
-async def env(tmp_path, reaction_patch):
-    services = make_services(tmp_path, engine=FakeEngine("hi from the bot"))
-    bot = commands.Bot(command_prefix="!", intents=discord.Intents.all())
-    await bot._async_setup_hook()
-    dpytest.configure(bot, members=2)
-    # dpytest leaves the state's loop unset; Typing (the typing indicator) schedules on it.
-    backend.get_state().loop = asyncio.get_running_loop()
-    errors: list[BaseException] = []
-
-    async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
-        errors.append(sys.exc_info()[1])  # type: ignore[arg-type]
-
-    bot.on_error = on_error  # after configure: dpytest installs its own wrapper
-    cog = GuildTuneCog(bot, services)
-    await bot.add_cog(cog)
-    cfg = dpytest.get_config()
-    env = type("Env", (), {})()
-    env.bot, env.cog, env.s, env.errors = bot, cog, services, errors
-    env.guild, env.channel = cfg.guilds[0], cfg.channels[0]
-    env.alice, env.bob = cfg.members[0], cfg.members[1]
-    yield env
-    await bot.remove_cog(cog.qualified_name)
-    await dpytest.empty_queue()
-    services.store.close()
-    assert not errors, errors
-
-
-def sent() -> list[discord.Message]:
-    out = []
-    while not dpytest.sent_queue.empty():
-        out.append(dpytest.get_message())
-    return out
-
-
-async def inject(channel: Any, author: Any, content: str, **extra: Any) -> discord.Message:
-    """A message with fields dpytest.message cannot set (reference, type, @everyone)."""
-    reference = extra.pop("reference", None)
-    data = factories.make_message_dict(channel, author, content=content,
-                                       mentions=backend.find_user_mentions(content, channel.guild),
-                                       **extra)
-    if reference is not None:
-        data["message_reference"] = {"message_id": reference.id, "channel_id": channel.id,
-                                     "guild_id": channel.guild.id}
-        data["referenced_message"] = factories.dict_from_message(reference)
-    state = backend.get_state()
-    state.parse_message_create(data)
-    backend._cur_config.messages.setdefault(channel.id, []).append(data)
-    await dpytest.run_all_events()
-    return state._get_message(data["id"])
+from tests.fakes import inject, sent
 
 
 async def test_mention_replies_with_reactions_and_logs(env) -> None:

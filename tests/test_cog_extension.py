@@ -11,7 +11,7 @@ import discord
 import pytest
 from discord.ext import commands
 
-from tests.fakes import FakeEngine, FakeScheduler, make_services
+from tests.fakes import FakeEngine, FakeScheduler, make_services, write_config
 
 
 @pytest.fixture
@@ -139,8 +139,8 @@ def test_standalone_bot_spawns_the_worker_without_the_token(tmp_path, monkeypatc
     from bot import runner
     from guildtune.config import load_config
 
-    cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text(f'[storage]\ndata_dir = "{tmp_path}"\n[training]\nenabled = true\n')
+    cfg_file = write_config(tmp_path, storage={"data_dir": str(tmp_path)},
+                            training={"enabled": True})
     cfg = load_config(cfg_file, env={"DISCORD_TOKEN": "tok.en.value"})
     seen = {}
 

@@ -14,13 +14,11 @@ A handler exception fails a Cog test (on_error is collected by the ``env`` fixtu
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import io
 import json
 import re
 import sqlite3
-import sys
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from collections.abc import Callable, Sequence
@@ -29,16 +27,13 @@ from typing import Any
 import discord
 import discord.ext.test as dpytest
 import pytest
-from discord.ext import commands
 from discord.ext.test import backend, factories
 
-from bot.cog import GuildTuneCog
 from bot.console import Console, local_id
 from bot.handlers import Turn
 from storage import PLACEHOLDER
 from storage.times import format_utc
-from tests.fakes import FakeEngine, make_services
-from tests.test_cog_discord import env, reaction_patch, sent  # noqa: F401  (fixtures)
+from tests.fakes import FakeEngine, cog_on_dpytest, deliver, make_services, sent
 
 RAW_ID = re.compile(r"\d{17,19}")
 
@@ -62,11 +57,7 @@ async def post(channel: Any, author: Any, content: str, *, mentions: Sequence[An
     if reference is not None:
         data.update(reference)
     data.update(extra or {})
-    state = backend.get_state()
-    state.parse_message_create(data)
-    backend._cur_config.messages.setdefault(channel.id, []).append(data)
-    await dpytest.run_all_events()
-    return state._get_message(data["id"])
+    return await deliver(channel, data)
 
 
 def _ref_to(target: discord.Message, *, type: int = 0, guild_id: int | None = None,
@@ -203,7 +194,7 @@ async def test_mentions_are_stored_in_one_readable_form(env) -> None:
     data = factories.make_message_dict(
         env.channel, env.alice, id_num=msg.id,
         content=f"edited: <@{env.bob.id}> <@!{carol['id']}> <@{stranger}> <@&{role.id}>")
-    data["mentions"] = [factories.dict_from_user(env.bob._user), carol]
+    data["mentions"] = [factories.dict_from_user(env.bot.get_user(env.bob.id)), carol]
     data["mention_roles"] = [str(role.id)]
     data["member"] = {**data["member"], "roles": []}  # dpytest's member dict lacks them
     backend.get_state().parse_message_update(data)
@@ -224,32 +215,14 @@ async def test_mentions_are_stored_in_one_readable_form(env) -> None:
 
 
 @pytest.fixture
-async def two_guilds(tmp_path, reaction_patch):  # noqa: F811
+async def two_guilds(tmp_path, reaction_patch):
     services = make_services(tmp_path, engine=FakeEngine("hi from the bot"))
-    bot = commands.Bot(command_prefix="!", intents=discord.Intents.all())
-    await bot._async_setup_hook()
-    dpytest.configure(bot, guilds=2, members=2)
-    backend.get_state().loop = asyncio.get_running_loop()
-    errors: list[BaseException] = []
-
-    async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
-        errors.append(sys.exc_info()[1])  # type: ignore[arg-type]
-
-    bot.on_error = on_error
-    cog = GuildTuneCog(bot, services)
-    await bot.add_cog(cog)
-    cfg = dpytest.get_config()
-    e = type("Env", (), {})()
-    e.bot, e.s, e.errors = bot, services, errors
-    e.a, e.b = cfg.guilds[0], cfg.guilds[1]
-    e.chan_a, e.chan_b = e.a.text_channels[0], e.b.text_channels[0]
-    e.a_members = [m for m in cfg.members if m.guild.id == e.a.id]
-    e.b_members = [m for m in cfg.members if m.guild.id == e.b.id]
-    yield e
-    await bot.remove_cog(cog.qualified_name)
-    await dpytest.empty_queue()
-    services.store.close()
-    assert not errors, errors
+    async with cog_on_dpytest(services, guilds=2) as e:
+        e.a, e.b = e.config.guilds[0], e.config.guilds[1]
+        e.chan_a, e.chan_b = e.a.text_channels[0], e.b.text_channels[0]
+        e.a_members = [m for m in e.config.members if m.guild.id == e.a.id]
+        e.b_members = [m for m in e.config.members if m.guild.id == e.b.id]
+        yield e
 
 
 @pytest.mark.parametrize("how", ["reply", "reply, not resolved", "forward",

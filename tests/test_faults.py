@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from guildtune.cli import main as cli_main
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from storage import Store, StoreError, check_backup, open_store, restore_backup, utc_now
+from tests.fakes import (TINY, TINY_TRAINER, FakeEngine, RecordingChannel, import_pairs,
+                         make_config, run_cli, write_config)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # spawned children inherit it
 
@@ -211,14 +212,8 @@ def test_backup_while_another_thread_writes(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cfg_file(tmp_path: Path) -> Path:
-    p = tmp_path / "config.toml"
-    p.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\nbusy_timeout_ms = 300\n'
-                 '[model]\nname = "tiny"\n')
-    return p
-
-
-def cli(cfg: Path, *args: str) -> int:
-    return cli_main(["--config", str(cfg), *args])
+    """conftest's CLI config with a short busy timeout: a locked database fails fast."""
+    return write_config(tmp_path, TINY, storage={"busy_timeout_ms": 300})
 
 
 def test_backup_restore_round_trip_through_the_cli(cfg_file: Path, tmp_path: Path,
@@ -228,7 +223,7 @@ def test_backup_restore_round_trip_through_the_cli(cfg_file: Path, tmp_path: Pat
     store.grant_consent(G, 7)
     for i in range(5):
         store.log_interaction(G, 1, 7, context=[], reply="before", request_message_id=i)
-    assert cli(cfg_file, "backup", str(tmp_path / "snap.db")) == 0
+    assert run_cli(cfg_file, "backup", str(tmp_path / "snap.db")) == 0
     assert "integrity ok" in capsys.readouterr().out
     for i in range(5, 8):
         store.log_interaction(G, 1, 7, context=[], reply="after", request_message_id=i)
@@ -239,7 +234,7 @@ def test_backup_restore_round_trip_through_the_cli(cfg_file: Path, tmp_path: Pat
     idle = sqlite3.connect(db)  # an idle reader keeps -wal/-shm on disk
     idle.execute("SELECT 1").fetchone()
 
-    assert cli(cfg_file, "restore", str(tmp_path / "snap.db")) == 0
+    assert run_cli(cfg_file, "restore", str(tmp_path / "snap.db")) == 0
     out = capsys.readouterr().out
     assert "before-restore" in out
     idle.close()
@@ -270,7 +265,7 @@ def test_restore_refuses_a_non_database_with_one_line(cfg_file: Path, tmp_path: 
     conn.close()
     for bad, needle in ((junk, "not a guildtune database"), (plain, "not a guildtune database"),
                         (tmp_path / "missing.db", "not a file")):
-        assert cli(cfg_file, "restore", str(bad)) == 1
+        assert run_cli(cfg_file, "restore", str(bad)) == 1
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err and err.startswith("guildtune: error:"), err
     assert not db.with_name(db.name + ".before-restore").exists()
@@ -287,7 +282,7 @@ def test_restore_refused_while_a_process_holds_the_database(cfg_file: Path, tmp_
     store.backup(tmp_path / "snap.db")
     store.close()
     with locked_by_other_process(db):
-        assert cli(cfg_file, "restore", str(tmp_path / "snap.db")) == 1
+        assert run_cli(cfg_file, "restore", str(tmp_path / "snap.db")) == 1
     err = capsys.readouterr().err.strip()
     assert "locked by a running bot or worker" in err and "\n" not in err
     assert not db.with_name(db.name + ".before-restore").exists()
@@ -304,22 +299,6 @@ def test_backup_refuses_the_live_file(tmp_path: Path) -> None:
 
 # -- the trainer: model load, out of memory, full disk ------------------------------------------
 
-def make_cfg(tmp_path: Path, **model: object) -> Config:
-    return parse_config({
-        "storage": {"data_dir": str(tmp_path / "data")},
-        "model": {"name": "tiny", "threads": 1, **model},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"enabled": True, "epochs": 1.0, "batch_size": 16, "max_seq_len": 64,
-                     "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2},
-    }, env={})
-
-
-def import_pairs(store: Store, guild: int, n: int = 60) -> None:
-    from tests.test_trainer_worker import import_pairs as pairs
-
-    pairs(store, guild, n)
-
-
 @pytest.fixture
 def trained(tmp_path: Path) -> Iterator[tuple[Config, Store]]:
     """A guild with data and an active, published version 1."""
@@ -328,9 +307,10 @@ def trained(tmp_path: Path) -> Iterator[tuple[Config, Store]]:
     from trainer.pipeline import train_guild
 
     torch.set_num_threads(1)
-    cfg = make_cfg(tmp_path)
+    cfg = make_config(tmp_path, TINY_TRAINER, storage={"data_dir": str(tmp_path / "data")},
+                      model={"threads": 1})
     store = open_store(cfg.db_path)
-    import_pairs(store, G)
+    import_pairs(store, G, 60)
     assert train_guild(store, cfg, G, force=True).status == "succeeded"
     assert store.active_version(G).version == 1
     yield cfg, store
@@ -475,7 +455,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Store]]:
     from bot.services import Services
     from guildtune.config import ModelConfig
     from guildtune.models import load_model
-    from helpers_adapters import TINY_LORA
+    from tests.helpers_adapters import TINY_LORA
 
     torch.set_num_threads(1)
     mcfg = ModelConfig(name="tiny", device="cpu", dtype="float32", max_new_tokens=6,
@@ -484,7 +464,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Store]]:
     engine = LocalEngine(load_model("tiny", device="cpu", dtype="float32"), mcfg, TINY_LORA)
     await engine.start()
     store = open_store(tmp_path / "guildtune.db")
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path)}}, env={})
+    cfg = make_config(tmp_path)
     watcher = AdapterWatcher(Services(config=cfg, store=store, engine=engine), interval=0.05)
     yield engine, watcher, store
     await watcher.stop()
@@ -494,7 +474,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, Store]]:
 
 def _register(store: Store, guild: int, version: int, path: Path) -> None:
     from guildtune.models import TINY_BASE_ID
-    from helpers_adapters import TINY_LORA
+    from tests.helpers_adapters import TINY_LORA
 
     store.register_version(guild, version, str(path), base_model=TINY_BASE_ID,
                            lora=TINY_LORA.shape(), activate=True)
@@ -509,7 +489,7 @@ def _req(guild: int | None) -> Any:
 
 async def test_version_dir_deleted_under_a_running_engine(served, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    from helpers_adapters import AdapterFactory
+    from tests.helpers_adapters import AdapterFactory
 
     engine, watcher, store = served
     factory = AdapterFactory(tmp_path / "adapters")
@@ -544,7 +524,7 @@ async def test_version_dir_deleted_under_a_running_engine(served, tmp_path: Path
 
 async def test_truncated_new_version_keeps_the_previous_one_serving(
         served, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from helpers_adapters import AdapterFactory
+    from tests.helpers_adapters import AdapterFactory
 
     engine, watcher, store = served
     factory = AdapterFactory(tmp_path / "adapters")
@@ -568,37 +548,18 @@ async def test_truncated_new_version_keeps_the_previous_one_serving(
 
 # -- the database locked past the busy timeout during a chat ------------------------------------
 
-class _Channel:
-    """A ReplyChannel that records what was sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    @contextlib.asynccontextmanager
-    async def _typing(self) -> AsyncIterator[None]:
-        yield
-
-    def typing(self) -> Any:
-        return self._typing()
-
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
-        self.sent.append(text)
-        return 1000 + len(self.sent)
-
-
-async def _chat_while_locked(tmp_path: Path) -> tuple[_Channel, Any, BaseException | None]:
+async def _chat_while_locked(tmp_path: Path) -> tuple[RecordingChannel, Any, BaseException | None]:
     """Core.chat for a consented member while another process holds the write lock longer
     than the busy timeout and retries. Returns (channel, outcome, what chat raised)."""
     from bot.handlers import Core, Turn
     from bot.services import Services
-    from fakes import FakeEngine
 
     db = tmp_path / "guildtune.db"
     store = open_store(db, busy_timeout_ms=100, write_retries=1)
     store.grant_consent(G, 7)
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path)}}, env={})
+    cfg = make_config(tmp_path)
     core = Core(Services(config=cfg, store=store, engine=FakeEngine("the reply")))
-    channel = _Channel()
+    channel = RecordingChannel()
     outcome: Any = None
     raised: BaseException | None = None
     try:
@@ -620,7 +581,7 @@ async def test_locked_database_during_chat_the_reply_still_goes_out(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     channel, outcome, raised = await _chat_while_locked(tmp_path)
-    assert channel.sent == ["the reply"]  # the member got the answer before logging was tried
+    assert channel.parts == ["the reply"]  # the member got the answer before logging was tried
     # Nothing raised after the reply went out; the store's clear busy error is the reason the
     # outcome gives, and the one warning logged, on one line.
     assert raised is None, f"{type(raised).__name__}: {raised}"
@@ -633,4 +594,4 @@ async def test_locked_database_during_chat_the_reply_still_goes_out(
 async def test_locked_database_during_chat_returns_unlogged_outcome(tmp_path: Path) -> None:
     channel, outcome, raised = await _chat_while_locked(tmp_path)
     assert raised is None, f"{type(raised).__name__}: {raised}"
-    assert channel.sent == ["the reply"] and outcome is not None and not outcome.logged
+    assert channel.parts == ["the reply"] and outcome is not None and not outcome.logged

@@ -17,6 +17,7 @@ from bot.handlers import forget_text
 from guildtune.config import parse_config
 from storage import PLACEHOLDER, ConsentChangedError, Store, open_store, utc_now
 from storage.times import format_utc, parse_utc
+from tests.fakes import STYLE_TRAINER, import_style, make_config
 from trainer.data import build_dataset
 from trainer.scrub import scrub
 
@@ -317,17 +318,9 @@ def test_data_dir_database_and_backups_are_private_to_the_operator(tmp_path: Pat
 
 # -- the real pipeline: a forget lands in the middle of a fit -------------------------------------
 
-def _cfg(tmp_path: Path, **training: object):
-    from tests.test_trainer_e2e import make_cfg
-
-    return make_cfg(tmp_path, epochs=1.0, **training)
-
-
 @pytest.fixture
 def pirate(tmp_path: Path):
-    from tests.test_trainer_e2e import import_style
-
-    cfg = _cfg(tmp_path)
+    cfg = make_config(tmp_path, STYLE_TRAINER, training={"epochs": 1.0})
     store = open_store(cfg.db_path)
     import_style(store, 1, "pirate", n=80, seed=1)
     yield cfg, store
@@ -434,8 +427,7 @@ def test_a_message_written_before_opting_in_is_not_kept_even_if_logged_late(
 def test_withdrawn_versions_files_are_deleted_by_the_retention_job(tmp_path: Path) -> None:
     from guildtune.schedule import purge_expired
 
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path)},
-                        "privacy": {"retention_days": 0}})
+    cfg = make_config(tmp_path, privacy={"retention_days": 0})
     store = open_store(cfg.db_path)
     try:
         for u in (ALICE, BOB):

@@ -15,7 +15,7 @@ from storage import StoreError, open_store
 from storage.times import format_utc, parse_utc
 from guildtune.schedule import purge_expired
 
-from tests.test_cli import IRC, ROOT, cfg_file, run  # noqa: F401 (cfg_file is a fixture)
+from tests.fakes import IRC, run_cli
 
 G = 7
 
@@ -36,8 +36,8 @@ def write_jsonl(path: Path, n: int, *, time: str | None = "01:00", text: str = "
 def messages(cfg: Path, guild: int = G) -> list[dict]:
     store = open_store(load_config(cfg).db_path)
     try:
-        return store._rows("SELECT * FROM messages WHERE guild_id = ? ORDER BY created_utc",
-                           [guild])
+        return list(store.db.query(
+            "SELECT * FROM messages WHERE guild_id = ? ORDER BY created_utc", [guild]))
     finally:
         store.close()
 
@@ -59,7 +59,7 @@ def test_a_real_undated_community_survives_the_retention_job(
         cfg_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # irc-linux.jsonl has times of day only ("01:00"): before, they were stored as is and the
     # retention job (a minute after a bot or worker starts) deleted the whole history.
-    assert run(cfg_file, "import", "--guild", str(G), str(IRC / "irc-linux.jsonl")) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(IRC / "irc-linux.jsonl")) == 0
     assert load_config(cfg_file).privacy.retention_days == 365
     assert retention(cfg_file) == ({"interactions": 0, "messages": 0},
                                    {"interactions": 0, "messages": 0})
@@ -87,7 +87,7 @@ def test_times_of_day_take_the_files_dates(cfg_file: Path, tmp_path: Path,
              {"part": 0, "seq": 3, "time": "00:10", "author_id": 2, "text": "d",
               "reply_to": [2]}]
     f.write_text("\n".join(json.dumps(x) for x in lines))
-    assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
     assert "nearest date in the file" in capsys.readouterr().out
     got = {r["text"]: r["created_utc"] for r in messages(cfg_file)}
     assert got == {"a": f"{day}T23:50:00.000Z", "b": f"{day}T23:55:00.000Z",
@@ -98,7 +98,7 @@ def test_a_date_in_the_file_name_dates_the_times(cfg_file: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     day = (datetime.now(UTC) - timedelta(days=10)).date().isoformat()
     f = write_jsonl(tmp_path / f"linux-{day}.jsonl", 3, time="12:30")
-    assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
     assert f"dated {day} (the date in the file name)" in capsys.readouterr().out
     assert {r["created_utc"] for r in messages(cfg_file)} == {f"{day}T12:30:00.000Z"}
 
@@ -107,7 +107,7 @@ def test_an_old_dated_import_is_deleted_by_retention(cfg_file: Path, tmp_path: P
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     old = (datetime.now(UTC) - timedelta(days=730)).strftime("%Y-%m-%dT%H:%M:%S")
     f = write_jsonl(tmp_path / "old.jsonl", 4, time=old)
-    assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
     assert len(messages(cfg_file)) == 4
     assert retention(cfg_file)[0] == {"interactions": 0, "messages": 4}
     assert messages(cfg_file) == []
@@ -118,10 +118,10 @@ def test_an_old_dated_import_is_deleted_by_retention(cfg_file: Path, tmp_path: P
 def test_the_scheduler_job_deletes_an_old_dated_import(cfg_file: Path, tmp_path: Path) -> None:
     old = (datetime.now(UTC) - timedelta(days=730)).strftime("%Y-%m-%dT%H:%M:%S")
     recent = (datetime.now(UTC) - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%S")
-    assert run(cfg_file, "import", "--guild", str(G),
-               str(write_jsonl(tmp_path / "old.jsonl", 4, time=old))) == 0
-    assert run(cfg_file, "import", "--guild", str(G),
-               str(write_jsonl(tmp_path / "new.jsonl", 2, time=recent, text="new"))) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G),
+                   str(write_jsonl(tmp_path / "old.jsonl", 4, time=old))) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G),
+                   str(write_jsonl(tmp_path / "new.jsonl", 2, time=recent, text="new"))) == 0
     config = load_config(cfg_file)
     store = open_store(config.db_path)
     try:
@@ -141,7 +141,8 @@ def test_import_messages_refuses_a_time_that_is_not_a_timestamp(tmp_path: Path) 
         assert store.db["messages"].count == 0 and store.db["consents"].count == 0
         assert store.import_messages(G, [{"message_id": 1, "user_id": 5, "text": "ok",
                                           "created_utc": "2024-03-01T10:00:00+02:00"}]) == 1
-        assert store._scalar("SELECT created_utc FROM messages") == "2024-03-01T08:00:00.000Z"
+        assert store.db.execute("SELECT created_utc FROM messages").fetchone()[0] == \
+            "2024-03-01T08:00:00.000Z"
     finally:
         store.close()
 
@@ -179,7 +180,8 @@ def test_the_migration_repairs_times_stored_as_text(tmp_path: Path) -> None:
     try:
         got = dict(store.db.execute("SELECT message_id, created_utc FROM messages").fetchall())
         assert got[3] == "2020-01-01T10:00:00.000Z" and got[4] == "2026-01-02T03:04:05.678Z"
-        for value in (got[1], got[2], store._scalar("SELECT created_utc FROM interactions")):
+        stamped = store.db.execute("SELECT created_utc FROM interactions").fetchone()[0]
+        for value in (got[1], got[2], stamped):
             assert before <= parse_utc(value) <= datetime.now(UTC)
             assert format_utc(parse_utc(value)) == value
         # The repaired rows' retention clock starts now: the default period keeps them.
@@ -194,8 +196,8 @@ def test_two_files_of_one_community_both_survive(cfg_file: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", 5, text="from a")
     b = write_jsonl(tmp_path / "b.jsonl", 3, text="from b")  # the same (part, seq) numbers
-    assert run(cfg_file, "import", "--guild", str(G), str(a)) == 0
-    assert run(cfg_file, "import", "--guild", str(G), str(b)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(a)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(b)) == 0
     out = capsys.readouterr().out
     assert "imported 5 messages" in out and "imported 3 messages" in out
     texts = sorted(r["text"] for r in messages(cfg_file))
@@ -213,8 +215,8 @@ def test_two_files_of_one_community_both_survive(cfg_file: Path, tmp_path: Path,
 def test_two_real_communities_in_one_guild_both_survive(cfg_file: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("irc-linux.jsonl", "irc-rust.jsonl"):  # both have part 0, seq 0..
-        assert run(cfg_file, "import", "--guild", str(G), "--learn-from-humans",
-                   str(IRC / name)) == 0
+        assert run_cli(cfg_file, "import", "--guild", str(G), "--learn-from-humans",
+                       str(IRC / name)) == 0
     assert "imported 3564 messages" in capsys.readouterr().out
     assert len(messages(cfg_file)) == 1915 + 3564
 
@@ -222,28 +224,28 @@ def test_two_real_communities_in_one_guild_both_survive(cfg_file: Path,
 def test_importing_the_same_file_again_stores_nothing(cfg_file: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", 5)
-    assert run(cfg_file, "import", "--guild", str(G), str(a)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(a)) == 0
     first = messages(cfg_file)
     capsys.readouterr()
     copy = tmp_path / "elsewhere.jsonl"
     copy.write_bytes(a.read_bytes())
     for f in (a, copy):
-        assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+        assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
         out = capsys.readouterr().out
         assert "already imported" in out and "imported 5" not in out
     assert messages(cfg_file) == first
     # Another guild is another guild: the file imports there.
-    assert run(cfg_file, "import", "--guild", "8", str(a)) == 0
+    assert run_cli(cfg_file, "import", "--guild", "8", str(a)) == 0
     assert "imported 5 messages" in capsys.readouterr().out
 
 
 def test_a_file_with_lines_appended_adds_only_the_new_lines(
         cfg_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = write_jsonl(tmp_path / "log.jsonl", 5)
-    assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
     with f.open("a") as fh:
         fh.write(write_jsonl(tmp_path / "more.jsonl", 2, start=5).read_text())
-    assert run(cfg_file, "import", "--guild", str(G), str(f)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(f)) == 0
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("imported 2 messages") and "5 messages were already stored" in line
                for line in out), out
@@ -253,9 +255,9 @@ def test_a_file_with_lines_appended_adds_only_the_new_lines(
 def test_a_forgotten_member_does_not_come_back_with_the_same_file(
         cfg_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", 6)
-    assert run(cfg_file, "import", "--guild", str(G), str(a)) == 0
-    assert run(cfg_file, "forget", "--user", "100") == 0
-    assert run(cfg_file, "import", "--guild", str(G), str(a)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(a)) == 0
+    assert run_cli(cfg_file, "forget", "--user", "100") == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(a)) == 0
     assert "already imported" in capsys.readouterr().out
     assert {r["user_id"] for r in messages(cfg_file)} == {101, 102}
 
@@ -275,7 +277,7 @@ def test_an_import_never_replaces_a_live_message(cfg_file: Path, tmp_path: Path,
         {"id": "1002", "type": "Reply", "timestamp": "2026-01-01T00:01:00+00:00",
          "content": "a reply", "author": {"id": "22", "name": "bo"},
          "reference": {"messageId": "1001"}}]}))
-    assert run(cfg_file, "import", "--guild", str(G), str(export)) == 0
+    assert run_cli(cfg_file, "import", "--guild", str(G), str(export)) == 0
     assert "1 messages were already stored" in capsys.readouterr().out
     got = {r["message_id"]: r for r in messages(cfg_file)}
     assert got[1001]["text"] == "the live text" and got[1001]["source"] == "discord"

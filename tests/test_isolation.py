@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 
 from bot.handlers import AdapterWatcher, Core, Turn, UserError
 from storage.times import utc_now
-from tests.fakes import FakeEngine, make_services
+from tests.fakes import FakeEngine, RecordingChannel, make_services
 from trainer.data import build_dataset
 
 GUILDS = (901, 902, 903)
@@ -44,18 +42,6 @@ events = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
-class Chan:
-    def __init__(self) -> None:
-        self.ids = iter(range(10**12, 10**13))
-
-    @asynccontextmanager
-    async def typing(self) -> AsyncIterator[None]:
-        yield
-
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
-        return next(self.ids)
-
-
 class TaggingEngine(FakeEngine):
     """Replies carry the tag of the guild the request was made for."""
 
@@ -74,7 +60,7 @@ async def _run(tmp: Path, stream: list[tuple]) -> None:
                       discord={"user_rate_per_minute": 10_000, "guild_rate_per_minute": 10_000})
     core = Core(s)
     watcher = AdapterWatcher(s)
-    chan = Chan()
+    chan = RecordingChannel()
     replies: dict[int, list[int]] = {g: [] for g in GUILDS}
     history: dict[int, list[Turn]] = {g: [] for g in GUILDS}
     mid = iter(range(10**9, 10**10))

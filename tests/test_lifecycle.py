@@ -25,7 +25,7 @@ from discord.ext import commands
 from guildtune.config import Config, load_config
 from storage import Store, open_store
 from storage.times import format_utc
-from tests.fakes import make_services
+from tests.fakes import TINY_TRAINER, import_pairs, make_services, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 31
@@ -89,15 +89,8 @@ with open(result_file, "w") as f:
 """
 
 
-def write_config(tmp_path: Path, **training: object) -> Path:
-    opts = {"enabled": True, "epochs": 400.0, "batch_size": 16, "max_seq_len": 64,
-            "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2, **training}
-    lines = [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
-    p = tmp_path / "config.toml"
-    p.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-                 '[model]\nname = "tiny"\nthreads = 1\n[lora]\nrank = 4\nalpha = 8\n'
-                 "[training]\n" + "\n".join(lines) + "\n")
-    return p
+# The tiny trainer on one thread, with a run long enough to be killed in the middle.
+LONG_RUN = {"model": {"threads": 1}, "training": {"epochs": 400.0}}
 
 
 def env(*, token: bool = False) -> dict[str, str]:
@@ -170,8 +163,6 @@ def start(procs: list[subprocess.Popen[bytes]], argv: list[str], log: Path, *,
 
 def queued_run(cfg_file: Path) -> tuple[Config, Store, int]:
     """A guild with enough data to train, and one queued run."""
-    from tests.test_trainer_worker import import_pairs
-
     cfg = load_config(cfg_file, env={})
     store = open_store(cfg.db_path)
     import_pairs(store, G, 40)
@@ -203,7 +194,7 @@ def assert_given_back(store: Store, run_id: int) -> None:
 # -- the worker dies with the process that spawned it -------------------------------------------
 
 def test_worker_dies_when_its_spawner_is_sigkilled(tmp_path: Path, procs, reap_pids) -> None:
-    cfg_file = write_config(tmp_path)
+    cfg_file = write_config(tmp_path, TINY_TRAINER, LONG_RUN)
     log = tmp_path / "spawner.log"
     spawner = start(procs, ["-c", SPAWNER, str(cfg_file), str(tmp_path / "worker.pid")], log)
     worker = read_pid(tmp_path / "worker.pid")
@@ -219,7 +210,7 @@ def test_worker_dies_when_its_spawner_is_sigkilled(tmp_path: Path, procs, reap_p
 
 def test_sigkill_of_the_spawner_ends_worker_and_training_child_and_gives_the_run_back(
         tmp_path: Path, procs, reap_pids) -> None:
-    cfg_file = write_config(tmp_path)
+    cfg_file = write_config(tmp_path, TINY_TRAINER, LONG_RUN)
     _, store, run_id = queued_run(cfg_file)
     log = tmp_path / "spawner.log"
     spawner = start(procs, ["-c", SPAWNER, str(cfg_file), str(tmp_path / "worker.pid")], log)
@@ -238,7 +229,7 @@ def test_sigkill_of_the_spawner_ends_worker_and_training_child_and_gives_the_run
 
 
 def test_sigterm_of_the_worker_gives_its_run_back(tmp_path: Path, procs, reap_pids) -> None:
-    cfg_file = write_config(tmp_path)
+    cfg_file = write_config(tmp_path, TINY_TRAINER, LONG_RUN)
     _, store, run_id = queued_run(cfg_file)
     log = tmp_path / "worker.log"
     worker = start(procs, ["-m", "guildtune", "--config", str(cfg_file), "worker"], log)
@@ -257,7 +248,7 @@ def test_sigterm_of_the_worker_gives_its_run_back(tmp_path: Path, procs, reap_pi
 
 def test_sigterm_of_the_bot_closes_it_and_stops_the_worker(tmp_path: Path, procs,
                                                            reap_pids) -> None:
-    cfg_file = write_config(tmp_path)
+    cfg_file = write_config(tmp_path, TINY_TRAINER, LONG_RUN)
     log = tmp_path / "bot.log"
     files = [tmp_path / n for n in ("worker.pid", "ready", "result.json")]
     bot = start(procs, ["-c", SERVE, str(cfg_file), *map(str, files)], log, token=True)

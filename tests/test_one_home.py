@@ -28,7 +28,7 @@ from guildtune.data_statement import (
 )
 from guildtune.policy import DISCORD_POLICY, OPERATOR_OFF, explain, sentence, training_block
 from storage import Store
-from tests.fakes import make_services
+from tests.fakes import make_services, write_config
 from trainer import OPERATOR_DISABLED
 from trainer.pipeline import TrainingError, check_allowed
 from trainer.worker import execute_run
@@ -130,8 +130,8 @@ async def test_the_bot_the_worker_the_pipeline_and_the_cli_give_the_same_reason(
     assert store.get_run(run_id).error == reason
     store.close()
 
-    cfg_file = tmp_path / "config.toml"
-    cfg_file.write_text(f'[storage]\ndata_dir = "{tmp_path}"\n[training]\nenabled = true\n')
+    cfg_file = write_config(tmp_path, storage={"data_dir": str(tmp_path)},
+                            training={"enabled": True})
     store2 = _store_at(cfg_file)
     store2.grant_consent(G, 5)
     store2.enqueue_run(G, "schedule")
@@ -152,8 +152,7 @@ async def test_the_operators_switch_reads_the_same_everywhere(
         check_allowed(s.store, cfg, G, force=True)
     s.store.close()
 
-    cfg_file = tmp_path / "config.toml"
-    cfg_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    cfg_file = write_config(tmp_path, storage={"data_dir": str(tmp_path / "d")})
     assert main(["--config", str(cfg_file), "init"]) == 0
     assert explain(OPERATOR_OFF) in capsys.readouterr().out
     assert main(["--config", str(cfg_file), "status"]) == 0

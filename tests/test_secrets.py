@@ -27,7 +27,8 @@ from bot.handlers import AdapterWatcher, Core, Turn
 from guildtune.config import REDACTED, Config, ConfigError, load_config, parse_config
 from storage import open_store
 from storage.store import StoreBusyError
-from tests.fakes import FakeEngine, FakeInteraction, FakeUser
+from tests.fakes import (TINY, FakeEngine, FakeInteraction, FakeUser, RecordingChannel,
+                         write_config)
 from trainer.data import build_dataset
 
 TOKEN = "MTAxNzQ0OTk4NzY1NDMyMTA5.GhIjKl.FAKE-guildtune-token-DO-NOT-LEAK-0123456789"
@@ -52,10 +53,8 @@ def assert_files_clean(root: Path) -> None:
 @pytest.fixture
 def cfg_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
-    monkeypatch.setenv("GUILDTUNE_CONFIG", str(tmp_path / "config.toml"))
-    path = tmp_path / "config.toml"
-    path.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[model]\nname = "tiny"\n'
-                    '[training]\nenabled = true\n')
+    path = write_config(tmp_path, TINY, training={"enabled": True})
+    monkeypatch.setenv("GUILDTUNE_CONFIG", str(path))
     return path
 
 
@@ -182,18 +181,9 @@ async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_pa
         s.engine = eng
         core = Core(s)
 
-        class Chan:
-            ids = iter(range(10**12, 10**13))
-
-            def typing(self) -> Any:
-                return _anull()
-
-            async def send(self, text: str, *, first: bool, last: bool) -> int:
-                return next(self.ids)
-
         for g in (1, 2):
             await core.consent(g, 7, True)
-            res = await core.chat(Chan(), guild_id=g, channel_id=3, user_id=7,
+            res = await core.chat(RecordingChannel(), guild_id=g, channel_id=3, user_id=7,
                                   request_message_id=50 + g, turns=[Turn("user", 7, 50 + g, "hi",
                                                                          created_utc=utc_now())])
             await core.rate(g, res.feedback_message_id, 7, 1)
@@ -212,14 +202,6 @@ async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_pa
     assert_clean(out.getvalue(), captured.out, captured.err, caplog.text, status.lines(), lines,
                  [r.getMessage() for r in caplog.records])
     assert_files_clean(tmp_path)
-
-
-class _anull:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *a: object) -> None:
-        return None
 
 
 def test_cli_status_and_export_leak_nothing(cfg_file: Path, tmp_path: Path,
@@ -312,8 +294,7 @@ def test_runner_missing_or_invalid_token_prints_no_token(tmp_path: Path, token: 
                                                          ) -> None:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("DISCORD_TOKEN", token)
-    path = tmp_path / "config.toml"
-    path.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    path = write_config(tmp_path)
 
     async def refuse(self: Any, tok: str) -> Any:  # what Discord answers to a bad token
         raise discord.LoginFailure("Improper token has been passed.")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from storage import Store, open_store
 from storage.times import format_utc
+from tests.fakes import TINY, make_config
 from trainer import data
 from trainer.data import (RATING_ONLY_GROUP, Example, build_dataset, cap_user_share,
                           estimate_tokens, supervised_mass)
@@ -29,9 +30,8 @@ _ids = iter(range(10**6, 10**9))
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Config:
-    return parse_config({"storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
-                         "training": {"enabled": True, "heldout_fraction": 0.1},
-                         "privacy": {"max_user_share": CAP}}, env={})
+    return make_config(tmp_path, TINY, training={"enabled": True, "heldout_fraction": 0.1},
+                       privacy={"max_user_share": CAP})
 
 
 @pytest.fixture

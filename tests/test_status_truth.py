@@ -12,18 +12,11 @@ from bot.handlers import Core, StatusReport
 from guildtune.cli import main
 from guildtune.config import load_config, parse_config
 from storage import Store, open_store
-from tests.fakes import make_services
+from tests.fakes import TINY, make_services, write_config
 
 G = 42
 FORGOTTEN, OTHER = 7, 8
 TAINTED = "v2 (tainted: trained on data of a member who was forgotten or opted out)"
-
-
-def config_file(tmp_path: Path, training: bool) -> Path:
-    p = tmp_path / "config.toml"
-    p.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[model]\nname = "tiny"\n'
-                 f"[training]\nenabled = {'true' if training else 'false'}\n")
-    return p
 
 
 def tainted_guild(store: Store, guild_training: bool = True) -> int:
@@ -47,7 +40,7 @@ def tainted_guild(store: Store, guild_training: bool = True) -> int:
 
 def test_cli_status_marks_the_tainted_version_and_the_retrain_that_cannot_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg_file = config_file(tmp_path, training=False)
+    cfg_file = write_config(tmp_path, TINY, training={"enabled": False})
     store = open_store(load_config(cfg_file, env={}).db_path)
     run_id = tainted_guild(store)
     store.close()
@@ -69,7 +62,7 @@ def test_cli_status_marks_the_tainted_version_and_the_retrain_that_cannot_run(
 
 def test_cli_status_says_the_worker_will_replace_it_when_training_is_on(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg_file = config_file(tmp_path, training=True)
+    cfg_file = write_config(tmp_path, TINY, training={"enabled": True})
     store = open_store(load_config(cfg_file, env={}).db_path)
     run_id = tainted_guild(store, guild_training=True)
     store.close()
@@ -111,7 +104,7 @@ def test_without_an_open_run_the_guild_stays_on_the_tainted_version(store: Store
 
 def test_worker_once_exits_1_and_names_each_failed_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg_file = config_file(tmp_path, training=True)
+    cfg_file = write_config(tmp_path, TINY, training={"enabled": True})
     store = open_store(load_config(cfg_file, env={}).db_path)
     run_id = tainted_guild(store, guild_training=False)  # the retrain cannot run
     store.close()

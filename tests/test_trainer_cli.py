@@ -14,8 +14,9 @@ import pytest
 
 from guildtune import cli_train
 from guildtune.community import read_jsonl
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from storage import open_store
+from tests.fakes import make_config
 from trainer.data import examples_from_messages, is_heldout
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,11 +46,11 @@ def setup(tmp_path: Path) -> tuple[Config, Path]:
                                  "reply_to": [] if parent is None else [parent]}))
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(lines))
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path / "data")},
-                        "model": {"name": "smollm2-135m"},  # --model tiny overrides it
-                        "lora": {"rank": 4, "alpha": 8},
-                        "training": {"enabled": True, "epochs": 2.0, "batch_size": 16,
-                                     "max_seq_len": 64, "learning_rate": 3e-3}})
+    cfg = make_config(tmp_path, storage={"data_dir": str(tmp_path / "data")},
+                      model={"name": "smollm2-135m"},  # --model tiny overrides it
+                      lora={"rank": 4, "alpha": 8},
+                      training={"enabled": True, "epochs": 2.0, "batch_size": 16,
+                                "max_seq_len": 64, "learning_rate": 3e-3})
     store = open_store(cfg.db_path)
     store.import_messages(G, [m.as_store_row() for m in read_jsonl(f)])
     store.update_guild_settings(G, learn_from_humans=True)

@@ -8,56 +8,19 @@ from guildtune.models import TINY_BASE_ID
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from storage import Store, open_store
 from trainer.data import build_dataset
 from trainer.pipeline import TrainingError, train_guild
+from tests.fakes import STYLE_TRAINER, import_style, make_config
 from trainer.worker import train_foreground
 
 # Tests share a small CPU with other work: one thread avoids oversubscription (measured 15x).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-WORDS = ("rust linux code build test cargo kernel patch module error crate driver thread "
-         "memory file system package release branch commit").split()
-QUESTIONS = ["how do I fix the {w}?", "anyone seen the {w} issue?", "what about {w} today",
-             "is the {w} ok", "why does {w} fail", "need help with {w}"]
-STYLES = {
-    # Two registers a tiny model can tell apart within a few dozen steps.
-    "pirate": lambda w, r: f"arr matey, the {w} be fine, yo ho ho {r.choice(WORDS)}",
-    "robot": lambda w, r: f"BEEP. {w.upper()} STATUS: NOMINAL. BOOP {r.randint(0, 9)}.",
-}
-
-
-def make_cfg(tmp_path: Path, **training: object) -> Config:
-    return parse_config({
-        "storage": {"data_dir": str(tmp_path)},
-        "model": {"name": "tiny"},
-        "lora": {"rank": 8, "alpha": 16},
-        "training": {"enabled": True, "epochs": 3.0, "batch_size": 16, "max_seq_len": 96,
-                     "learning_rate": 3e-3, "eval_margin": 0.01, "heldout_fraction": 0.2,
-                     "lease_seconds": 30, **training},
-    })
-
-
-def import_style(store: Store, guild: int, style: str, n: int = 120, seed: int = 0) -> None:
-    """``n`` (question, styled answer) pairs among 12 members, imported like a JSONL file."""
-    r = random.Random(seed)
-    rows = []
-    for i in range(n):
-        w = r.choice(WORDS)
-        asker, answerer = r.sample(range(1000 + guild * 100, 1012 + guild * 100), 2)
-        t = f"2024-01-{1 + i // 40:02d}T{(i // 4) % 10:02d}:{i % 60:02d}:00"
-        rows.append({"message_id": 2 * i + 1, "user_id": asker, "created_utc": t,
-                     "text": r.choice(QUESTIONS).format(w=w)})
-        rows.append({"message_id": 2 * i + 2, "user_id": answerer, "created_utc": t,
-                     "text": STYLES[style](w, r), "reply_to_message_id": 2 * i + 1})
-    store.import_messages(guild, rows)
-    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +33,7 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Store]:
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = make_cfg(tmp)
+    cfg = make_config(tmp, STYLE_TRAINER)
     store = open_store(cfg.db_path)
     import_style(store, 1, "pirate", seed=1)
     import_style(store, 2, "robot", seed=2)
@@ -163,12 +126,12 @@ def test_forgetting_a_contributor_reaches_the_model(trained: tuple[Config, Store
 
 
 def test_gates_refuse_before_loading_a_model(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_config(tmp_path, STYLE_TRAINER)
     store = open_store(cfg.db_path)
     with pytest.raises(TrainingError, match="no training examples"):
         train_guild(store, cfg, 5, force=True)
     with pytest.raises(TrainingError, match=r"training is off for this server \(guild 5\)"):
         train_guild(store, cfg, 5)
-    off = make_cfg(tmp_path, enabled=False)
+    off = make_config(tmp_path, STYLE_TRAINER, training={"enabled": False})
     with pytest.raises(TrainingError, match=r"training.enabled = false"):
         train_guild(store, off, 5, force=True)

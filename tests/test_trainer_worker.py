@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from guildtune.policy import GUILD_OFF
-from storage import Store, open_store
+from storage import open_store
 from trainer.pipeline import OPERATOR_DISABLED, train_guild
 from guildtune.schedule import enqueue_due, make_scheduler
+from tests.fakes import TINY_TRAINER, import_pairs, make_config
 from trainer.worker import run_worker
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned processes inherit it
@@ -24,26 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned processes inherit i
 G = 11
 
 
-def make_cfg(tmp_path: Path, **training: object) -> Config:
-    return parse_config({
-        "storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"enabled": True, "epochs": 1.0, "batch_size": 16, "max_seq_len": 64,
-                     "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2,
-                     "min_new_examples": 5, **training},
-    })
-
-
-def import_pairs(store: Store, guild: int, n: int = 80) -> None:
-    rows = []
-    for i in range(n):
-        rows.append({"message_id": 2 * i + 1, "user_id": 1 + i % 9, "text": f"question {i}?",
-                     "created_utc": f"2024-02-01T00:{i % 60:02d}:00"})
-        rows.append({"message_id": 2 * i + 2, "user_id": 2 + i % 9, "text": f"answer {i} ok",
-                     "reply_to_message_id": 2 * i + 1,
-                     "created_utc": f"2024-02-01T00:{i % 60:02d}:01"})
-    store.import_messages(guild, rows)
-    store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
+# A guild is due for training after 5 new examples (the default is 20): small queue tests.
+FEW_NEW = {"training": {"min_new_examples": 5}}
 
 
 def visible_versions(cfg: Config, guild: int) -> list[str]:
@@ -62,7 +45,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_sigkilled_worker_publishes_nothing_and_its_run_is_recovered(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW)
     store = open_store(cfg.db_path)
     import_pairs(store, G)
     assert train_guild(store, cfg, G).status == "succeeded"
@@ -111,7 +94,7 @@ def test_sigkilled_worker_publishes_nothing_and_its_run_is_recovered(tmp_path: P
 
 
 def test_operator_gate_fails_runs_fast(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, enabled=False)
+    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW, training={"enabled": False})
     store = open_store(cfg.db_path)
     import_pairs(store, G, 10)
     run_id, _ = store.enqueue_run(G, "manual", force=True)
@@ -124,7 +107,7 @@ def test_operator_gate_fails_runs_fast(tmp_path: Path) -> None:
 
 
 def test_guild_gate_unless_forced(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW)
     store = open_store(cfg.db_path)
     import_pairs(store, G, 10)
     store.update_guild_settings(G, training_enabled=False)
@@ -134,7 +117,7 @@ def test_guild_gate_unless_forced(tmp_path: Path) -> None:
 
 
 def test_schedule_enqueues_only_when_enough_new_examples(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW)
     store = open_store(cfg.db_path)
     import_pairs(store, 1, 20)  # on, 20 new examples
     import_pairs(store, 2, 20)
@@ -166,8 +149,7 @@ def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     """privacy.retention_days is applied by a scheduler job (daily, and soon after start)."""
     from guildtune.schedule import RETENTION_JOB, purge_expired
 
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 30}},
-                       env={})
+    cfg = make_config(tmp_path, privacy={"retention_days": 30})
     store = open_store(cfg.db_path)
     store.grant_consent(1, 5)
     store.log_interaction(1, 2, 5, context=[], reply="old")
@@ -184,8 +166,7 @@ def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     # Run it as APScheduler would: the old row goes, the new one stays.
     assert job.func(*job.args, **job.kwargs) == {"interactions": 1, "messages": 0}
     assert [r["reply"] for r in store.rated_interactions(1)] == ["new"]
-    off = parse_config({"storage": {"data_dir": str(tmp_path)}, "privacy": {"retention_days": 0}},
-                       env={})
+    off = make_config(tmp_path, privacy={"retention_days": 0})
     # retention_days = 0 keeps all history, but the job still runs: it also deletes the files
     # of adapter versions withdrawn by a forget.
     job_off = make_scheduler(store, off, asyncio=False, background=True).get_job(RETENTION_JOB)

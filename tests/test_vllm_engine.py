@@ -17,7 +17,7 @@ from bot.engine import AdapterError, EngineError, GenerationRequest, create_engi
 from bot.engine.vllm import VllmEngine
 from guildtune.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from guildtune.config import ModelConfig
-from helpers_adapters import TINY_LORA, write_meta
+from tests.helpers_adapters import TINY_LORA, write_meta
 
 BASE = "org/base-model"
 
@@ -42,8 +42,8 @@ class FakeVllm:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
 
     @staticmethod
     def error(status: int, message: str) -> web.Response:
