@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guildtune.prompting import CHARS_PER_TOKEN, estimate_chat
+from guildtune.prompting import CHARS_PER_TOKEN, estimate_chat, merge_turns
 from storage.times import to_utc
 
 
@@ -88,3 +88,14 @@ def chat_messages(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> 
     consecutive user turns are merged (many chat templates expect alternating roles)."""
     return estimate_chat(system_prompt, [(t.role, t.text) for t in turns],
                          max_chars // CHARS_PER_TOKEN)
+
+
+def kept_turns(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> list[Turn]:
+    """The turns ``chat_messages`` keeps (the newest ones: it drops the oldest whole), so that
+    what is stored is what the model was shown, not the wider window around it."""
+    for start in range(len(turns)):
+        rest = turns[start:]
+        groups = len(merge_turns((t.role, t.text) for t in rest))
+        if len(chat_messages(system_prompt, rest, max_chars)) - 1 >= groups:
+            return list(rest)
+    return list(turns[-1:])

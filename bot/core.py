@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from bot.context import CHARS_PER_TOKEN, Turn, chat_messages
+from bot.context import CHARS_PER_TOKEN, Turn, chat_messages, kept_turns
 from bot.engine import GenerationRequest, GenerationResult
 from bot.replies import RateLimiter, ReplyChannel, split_reply
 from bot.services import Services
@@ -188,7 +188,8 @@ class Core:
             self.guild_limits.hit(guild_id)
         m = self.s.config.model
         max_chars = serving_budget(m.max_context_tokens, m.max_new_tokens) * CHARS_PER_TOKEN
-        msgs = chat_messages(await self.persona(guild_id), turns, max_chars)
+        persona = await self.persona(guild_id)
+        msgs = chat_messages(persona, turns, max_chars)
         async with channel.typing():
             # DMs use the base model: no guild, so no guild's adapter and nothing logged.
             result = await self.s.engine.generate(GenerationRequest(guild_id, msgs))
@@ -200,7 +201,8 @@ class Core:
             out.reply_ids.append(await channel.send(part, first=i == 0,
                                                     last=i == len(parts) - 1))
         if guild_id is not None:
-            context = [t.stored() for t in turns]
+            # What the model was shown, not the wider window the front end collected.
+            context = [t.stored() for t in kept_turns(persona, turns, max_chars)]
             try:
                 res = await self._db(
                     self.s.store.log_interaction, guild_id, channel_id, user_id,

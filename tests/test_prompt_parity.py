@@ -78,3 +78,40 @@ def test_typed_template_tokens_stay_text_in_training_too() -> None:
 
     served = render_ids(tok, [{"role": r, "content": c} for r, c in example.messages[:-1]])
     assert enc.ids[:len(served)] == served  # the trained prompt is the served prompt
+
+
+def test_the_stored_context_is_what_the_model_was_shown() -> None:
+    """An old turn that did not fit the prompt is not stored either (less data, and training
+    sees what serving saw)."""
+    from bot.context import Turn, chat_messages, kept_turns
+
+    now = "2026-01-01T00:00:00.000Z"
+    turns = [Turn("user", 1, 1, "x" * 600, created_utc=now),
+             Turn("assistant", None, 2, "short answer", created_utc=now),
+             Turn("user", 2, 3, "and now?", created_utc=now)]
+    shown = chat_messages("be nice", turns, 300)
+    kept = kept_turns("be nice", turns, 300)
+    assert [t.message_id for t in kept] == [2, 3]
+    assert "x" * 600 not in str(shown) and len(shown) == 3
+    assert kept_turns("be nice", turns, 10_000) == turns
+
+
+async def test_core_stores_only_the_turns_the_model_was_shown(tmp_path) -> None:
+    import json
+
+    from bot.context import Turn
+    from bot.core import Core
+    from storage import utc_now
+    from tests.fakes import RecordingChannel, make_services
+
+    s = make_services(tmp_path, model={"max_context_tokens": 128, "max_new_tokens": 32})
+    s.store.grant_consent(1, 7)
+    now = utc_now()
+    turns = [Turn("user", 7, 1, "old words " * 200, created_utc=now),
+             Turn("assistant", None, 2, "ok", created_utc=now),
+             Turn("user", 7, 3, "hello bot", created_utc=now)]
+    out = await Core(s).chat(RecordingChannel(), guild_id=1, channel_id=1, user_id=7,
+                             request_message_id=3, turns=turns)
+    stored = json.loads(s.store.get_interaction(1, out.interaction_id)["context_json"])
+    assert [e["text"] for e in stored] == ["ok", "hello bot"]
+    s.store.close()
