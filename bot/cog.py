@@ -4,6 +4,9 @@ Intents it relies on (the host decides; the Cog never changes them): guilds, gui
 message content (privileged) and guild message reactions. The Cog only adds listeners: it never
 overrides the host's ``on_message`` or ``on_error`` and never syncs commands. Its buttons, views
 and Discord reply are in ``bot.ui``; the admin check of every /tune command is ``bot.checks``.
+
+Over 400 lines on purpose: discord.py declares listeners and the /tune group on the Cog
+class itself; every handler body is a call into ``bot.core``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ exactly what Discord runs. Store calls go through ``asyncio.to_thread`` (the Sto
 holds one SQLite connection per thread); generation goes through the engine, never the loop.
 Also here: ``UserError`` (a refusal shown to the member as is), ``ChatOutcome`` (what a chat
 did), ``unstorable`` (which write failures cost only the stored copy) and ``forget_text``.
+
+Over 400 lines on purpose: ``Core`` is one class, the handlers both front ends share;
+splitting it by command group (chat, feedback, member data, admin) is the next step.
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ adds no steerer and is never "rating-only". Limit: an account that chats once es
 store to return when each rater opted in.
 
 This module does not import torch; tokenization happens in ``trainer.fit``.
+
+Over 400 lines on purpose: the example sources, scrubbing and the per-member share cap are
+one rule about what a guild's model may learn from, read together.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Stopping: ``run_worker_process`` (the ``guildtune worker`` process) turns SIGTER
 a graceful stop: the training child is ended, the run it held is given back (closed as failed
 and queued again), and the process exits. A worker started by the bot also stops when the bot
 dies, SIGKILL included (``watch_parent``: Linux's parent-death signal, or a reparenting check).
+
+Over 400 lines on purpose: the claim loop, the heartbeat, the training child and the
+signal handling meet at the run's lease; the child could move to its own module next.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ settings, run one after another in the same cycle; a request with a ``seed`` alw
 that the seed reproduces its output. In fp32 a row's greedy output equals running it alone.
 
 torch and peft are imported lazily: importing this module stays cheap.
+
+Over 400 lines on purpose: the model-owning thread, its batching and generation share the
+thread's state; the adapter decisions already live in ``AdapterSlots``.
 """
 
 from __future__ import annotations
