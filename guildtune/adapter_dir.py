@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -66,15 +65,6 @@ def write_snapshot(directory: Path, snapshot: dict[str, Any]) -> Path:
     """Write ``config_snapshot.json`` (the training configuration) into an adapter directory."""
     _write_json(directory / SNAPSHOT_FILE, snapshot)
     return directory / SNAPSHOT_FILE
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

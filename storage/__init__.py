@@ -22,6 +22,7 @@ from .store import (
     StoreError,
     StoreFullError,
     check_backup,
+    fsync_path,
     open_store,
     restore_backup,
     utc_now,
@@ -30,5 +31,6 @@ from .store import (
 __all__ = [
     "DELETED", "PLACEHOLDER", "AdapterVersion", "ConsentChangedError", "ForgetReport",
     "GuildSettings", "LogResult", "Run", "Store", "StoreBusyError", "StoreError",
-    "StoreFullError", "check_backup", "new_ulid", "open_store", "restore_backup", "utc_now",
+    "StoreFullError", "check_backup", "fsync_path", "new_ulid", "open_store", "restore_backup",
+    "utc_now",
 ]

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guildtune.adapter_dir import adapter_meta, fsync_path, write_meta, write_snapshot
-from storage.store import utc_now
+from guildtune.adapter_dir import adapter_meta, write_meta, write_snapshot
+from storage import fsync_path, utc_now
 
 if TYPE_CHECKING:
     from guildtune.config import Config
