@@ -123,17 +123,15 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
 
     def _start_scheduler(self) -> None:
         # Always: the retention job (privacy.retention_days, promised by /consent) runs whatever
-        # the training switch says; make_scheduler adds the per-guild training jobs only when
-        # the operator enabled training.
+        # the training switch says. Only that: the worker's scheduler is the one that enqueues
+        # training; the bot signals through the settings rows it writes.
         s = self.services
         sched = s.scheduler
         if sched is None:
-            # The one import of trainer/ left in bot/ (tests/test_import_graph.py allow-lists
-            # it): nothing hands the extension a scheduler yet (bot.setup, build_services).
             from guildtune.schedule import make_scheduler
 
             try:
-                sched = make_scheduler(s.store, s.config, asyncio=True)
+                sched = make_scheduler(s.store, s.config, asyncio=True, training=False)
             except Exception:  # chat must keep working without the scheduler
                 log.exception("scheduler failed to start: no retention purge, no scheduled "
                               "retrains")

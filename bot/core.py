@@ -430,10 +430,10 @@ class Core:
         return f"Schedule set to `{crontab}` (UTC). Next run: {nxt}."
 
     async def _reschedule(self) -> None:
-        """Apply a changed schedule or training switch to the running scheduler now (it also
-        re-reads the settings by itself every few minutes): run the scheduler's own sync job
-        (``guildtune.policy.SYNC_JOB``). A scheduler without it (training off by the operator:
-        no training jobs to move) has nothing to apply."""
+        """The setting is the signal: the worker's scheduler, the one that enqueues training,
+        reads it within ``guildtune.schedule.SYNC_SECONDS``. A host that handed the extension a
+        scheduler with training jobs of its own (a ``guildtune.policy.SYNC_JOB``) gets it
+        applied now; the bot's own scheduler only applies retention and has nothing to move."""
         get_job = getattr(self.s.scheduler, "get_job", None)
         if get_job is None:
             return

@@ -3,11 +3,11 @@
 One cron job per guild with training enabled (the guild's own schedule, else
 ``training.schedule``), each calling ``enqueue_if_due``: a run is queued when at least
 ``training.min_new_examples`` new examples arrived since the active version was activated. A
-sync job re-reads guild settings every few minutes and adds, moves or drops the cron jobs.
-The store deduplicates: one queued or running run per guild. A daily job (and one a minute after start)
-applies the retention period, ``privacy.retention_days``: it is registered whatever the
-training switch says (the bot's scheduler starts with training off too); the training jobs
-only when ``training.enabled``.
+sync job re-reads guild settings every ``SYNC_SECONDS`` and adds, moves or drops the cron jobs.
+These live in ONE scheduler, the worker's; the store deduplicates anyway (one queued or running
+run per guild). A daily job (and one a minute after start) applies the retention period,
+``privacy.retention_days``, in every scheduler, the bot's included, whatever the training
+switch says.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SYNC_MINUTES = 5
+SYNC_SECONDS = 30  # how soon the worker follows a guild's new switch or schedule
 JOB_PREFIX = TRAIN_JOB_PREFIX  # the job ids live in guildtune.policy: the bot signals SYNC_JOB
 
 
@@ -112,10 +112,14 @@ def sync_jobs(scheduler: Any, store: Store, cfg: Config) -> None:
 
 
 def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
-                   background: bool = False) -> Any:
-    """An APScheduler 3 scheduler, not yet started: the retention job always (unless
-    ``retention_days`` is 0), the per-guild training jobs and their sync only when the
-    operator enabled training.
+                   background: bool = False, training: bool = True) -> Any:
+    """An APScheduler 3 scheduler, not yet started: the retention job always, the per-guild
+    training jobs and their sync only with ``training`` and when the operator enabled training.
+
+    One scheduler enqueues training: the worker's (``training=True``). The bot's scheduler
+    (``training=False``) only applies retention; the bot signals through the store (a guild's
+    switch and schedule are settings rows, which the worker's sync job reads every
+    ``SYNC_SECONDS``) and queues runs itself only when an admin asks (``/tune retrain``).
 
     ``asyncio=True``: an AsyncIOScheduler; start it inside the running loop (the bot's
     ``cog_load``) and ``shutdown()`` it in ``cog_unload``. Its plain-function jobs run in a thread
@@ -140,9 +144,9 @@ def make_scheduler(store: Store, cfg: Config, asyncio: bool = True,
     else:
         from apscheduler.schedulers.blocking import BlockingScheduler
         scheduler = BlockingScheduler(**opts)
-    if operator_block(cfg) is None:
+    if training and operator_block(cfg) is None:
         sync_jobs(scheduler, store, cfg)
-        scheduler.add_job(sync_jobs, IntervalTrigger(minutes=SYNC_MINUTES),
+        scheduler.add_job(sync_jobs, IntervalTrigger(seconds=SYNC_SECONDS),
                           args=(scheduler, store, cfg), id=SYNC_JOB,
                           replace_existing=True, name="sync guild training schedules")
     # Always (whatever the training switch): retention, and with retention_days = 0 still

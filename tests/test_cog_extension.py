@@ -122,10 +122,20 @@ async def test_real_scheduler_starts_in_cog_load_and_stops_in_unload(tmp_path, k
     await host.load_extension("bot")
     sched = services.scheduler
     assert sched is not None and sched.running
+    # The bot's scheduler only applies retention: one scheduler (the worker's) enqueues.
+    from guildtune.schedule import RETENTION_JOB, make_scheduler, sync_jobs
+
+    assert [j.id for j in sched.get_jobs()] == [RETENTION_JOB]
     cog = host.get_cog("GuildTune")
-    await cog.core.set_training(5, True)  # the guild's job appears without waiting
+    await cog.core.set_training(5, True)  # the bot signals through the settings row ...
     await cog.core.set_schedule(5, "15 2 * * *")
-    assert sched.get_job("guildtune-train-5") is not None
+    worker = make_scheduler(services.store, services.config, asyncio=False, background=True)
+    sync = worker.get_job("guildtune-sync")
+    assert sync.func is sync_jobs and sync.trigger.interval.total_seconds() <= 60
+    sync.func(*sync.args)  # ... which the worker's sync job reads (every SYNC_SECONDS)
+    job = worker.get_job("guildtune-train-5")
+    assert job is not None and "hour='2'" in str(job.trigger) and "minute='15'" in str(job.trigger)
+    assert sched.get_job("guildtune-train-5") is None
     await host.unload_extension("bot")
     assert not sched.running
     services.store.close()
