@@ -12,6 +12,7 @@ class itself; every handler body is a call into ``bot.core``.
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 import io
 import logging
 import re
@@ -89,9 +90,13 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         name="tune", description="Manage this server's tuned model",
         guild_only=True, default_permissions=ADMIN_PERMISSIONS)
 
-    def __init__(self, bot: commands.Bot, services: Services) -> None:
+    def __init__(self, bot: commands.Bot, services: Services, *,
+                 owner: AsyncExitStack | None = None) -> None:
         self.bot = bot
         self.services = services
+        # What the extension opened for this Cog (store, engine): closed in cog_unload. A host
+        # that handed its own services in closes them itself.
+        self._owner = owner
         self.core = Core(services)
         self.watcher = AdapterWatcher(services, services_interval(services), self._admin_log)
         self._scheduler: Any | None = None  # the scheduler this Cog started (and stops)
@@ -99,9 +104,6 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
     # -- lifecycle: what cog_load starts, cog_unload stops ------------------------------------
 
     async def cog_load(self) -> None:
-        s = self.services
-        if "engine" in s.owned:
-            await s.engine.start()
         self.bot.add_dynamic_items(RateButton, SuggestButton)
         self.watcher.start()
         self._start_scheduler()
@@ -115,11 +117,9 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
             # unload returns, so nothing of ours is still running afterwards.
             await asyncio.sleep(0)
         self.bot.remove_dynamic_items(RateButton, SuggestButton)
-        s = self.services
-        if "engine" in s.owned:
-            await s.engine.close()
-        if "store" in s.owned:
-            await asyncio.to_thread(s.store.close)
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            await owner.aclose()
 
     def _start_scheduler(self) -> None:
         # Always: the retention job (privacy.retention_days, promised by /consent) runs whatever

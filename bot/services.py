@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Services:
-    """What the handlers need. ``owned`` lists what the creator must close on shutdown."""
+    """What the handlers need. It owns nothing: whoever opened the store and the engine closes
+    them (``open_services``, or the host that built this)."""
 
     config: Config
     store: Store
@@ -28,50 +29,34 @@ class Services:
     scheduler: Any | None = None  # an APScheduler AsyncIOScheduler, started by the owner
     clock: Callable[[], float] = time.time  # wall-clock seconds; rate limits and cooldowns
     watch_interval: float = 5.0  # seconds between hot-swap polls
-    owned: set[str] = field(default_factory=set)  # subset of {"store", "engine"}
-
-
-async def build_services(config: Config, *, engine: Engine | None = None) -> Services:
-    """Open the store and create the configured engine (off the event loop: loading a model
-    takes seconds). What it creates is marked ``owned`` so the Cog closes it on unload."""
-    import asyncio
-
-    from storage.store import open_store
-
-    owned = {"store"}
-    store = await asyncio.to_thread(open_store, config.db_path,
-                                    busy_timeout_ms=config.storage.busy_timeout_ms,
-                                    write_retries=config.storage.write_retries)
-    if engine is None:
-        from bot.engine import create_engine  # torch only when a real engine is wanted
-
-        try:
-            engine = await asyncio.to_thread(create_engine, config.model, config.lora,
-                                             cache_dir=config.data_dir)
-        except BaseException:
-            await asyncio.to_thread(store.close)
-            raise
-        owned.add("engine")
-    return Services(config=config, store=store, engine=engine, owned=owned)
 
 
 @asynccontextmanager
 async def open_services(config: Config, *, engine: Engine | None = None,
                         ) -> AsyncIterator[Services]:
-    """The services of a front end that owns them (console, demo): the store and the engine,
-    started, for the length of one ``async with``; on the way out what was opened here is
-    closed, engine first (discord.py's ``advanced_startup``: whoever opens a resource owns it).
-    The extension (``bot.setup``) hands them to the Cog instead, which closes them in
-    ``cog_unload``."""
+    """The one owner of the store and the engine: opens the store and (unless ``engine`` is
+    given: its caller owns it) creates and starts the configured engine, off the event loop
+    (loading a model takes seconds); on the way out closes what it opened, engine first
+    (discord.py's ``advanced_startup``: whoever opens a resource owns it). The console and the
+    demo hold it for one ``async with``; the extension (``bot.setup``) enters it on an exit
+    stack that it hands to the Cog, which closes it in ``cog_unload``."""
     import asyncio
 
-    services = await build_services(config, engine=engine)
+    from storage.store import open_store
+
+    store = await asyncio.to_thread(open_store, config.db_path,
+                                    busy_timeout_ms=config.storage.busy_timeout_ms,
+                                    write_retries=config.storage.write_retries)
+    made = None
     try:
-        if "engine" in services.owned:
-            await services.engine.start()
-        yield services
+        if engine is None:
+            from bot.engine import create_engine  # torch only when a real engine is wanted
+
+            made = engine = await asyncio.to_thread(create_engine, config.model, config.lora,
+                                                    cache_dir=config.data_dir)
+            await made.start()
+        yield Services(config=config, store=store, engine=engine)
     finally:
-        if "engine" in services.owned:
-            await services.engine.close()
-        if "store" in services.owned:
-            await asyncio.to_thread(services.store.close)
+        if made is not None:
+            await made.close()
+        await asyncio.to_thread(store.close)

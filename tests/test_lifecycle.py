@@ -62,10 +62,10 @@ def close(self):
     real_close(self)
 Store.close = close
 
-real_build = services.build_services
-async def build(config, *, engine=None):
-    return await real_build(config, engine=FakeEngine())
-services.build_services = build
+real_open = services.open_services
+def open_(config, *, engine=None):
+    return real_open(config, engine=FakeEngine())
+services.open_services = open_
 
 real_spawn = runner.spawn_worker
 def spawn(cfg):

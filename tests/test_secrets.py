@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from storage.times import utc_now
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -167,9 +166,12 @@ async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_pa
                                                           ) -> None:
     caplog.set_level(logging.DEBUG)
     cfg = load_config(cfg_file)
-    from bot.services import build_services
+    from contextlib import AsyncExitStack
 
-    s = await build_services(cfg, engine=EchoEngine())
+    from bot.services import open_services
+
+    owner = AsyncExitStack()
+    s = await owner.enter_async_context(open_services(cfg, engine=EchoEngine()))
     try:
         out = StringIO()
         script = ("hello bot\n/consent on\nhow are you\n/rate +\n/suggest better words\n"
@@ -197,7 +199,7 @@ async def test_console_session_and_demo_flow_leak_nothing(cfg_file: Path, tmp_pa
         eng.broken.add(1)
         lines = await AdapterWatcher(s).sync_once()
     finally:
-        await asyncio.to_thread(s.store.close)
+        await owner.aclose()
     captured = capsys.readouterr()
     assert_clean(out.getvalue(), captured.out, captured.err, caplog.text, status.lines(), lines,
                  [r.getMessage() for r in caplog.records])
