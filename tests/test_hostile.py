@@ -278,7 +278,10 @@ async def test_tiny_engine_answers_hostile_chat(tiny_model: Any) -> None:
             msgs = chat_messages("be nice", [Turn("user", ALICE, 1, text, created_utc=utc_now())],
                                  3000)
             res = await tiny_engine.generate(GenerationRequest(G, msgs))
+            # The model really ran on the hostile prompt (the tiny base model only emits
+            # newlines, so the text itself is the engine's fallback: see test_engine).
             assert isinstance(res.text, str) and res.text.strip()
+            assert res.tokens_in > 0 and res.tokens_out > 0
     finally:
         await tiny_engine.close()
 

@@ -3,29 +3,14 @@ bot's handlers becomes a training example whose prompt equals what the engine re
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from bot.handlers import Core, Turn
 from storage.times import utc_now
-from tests.fakes import FakeEngine, make_services
+from tests.fakes import FakeEngine, RecordingChannel, make_services
 from trainer.data import build_dataset
 
 G, ALICE, BOB, CAROL = 77, 1, 2, 3
-
-
-class Channel:
-    def __init__(self) -> None:
-        self.n = 5000
-
-    @asynccontextmanager
-    async def typing(self) -> Any:
-        yield
-
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
-        self.n += 1
-        return self.n
 
 
 async def test_served_prompt_equals_trained_prompt(tmp_path: Path) -> None:
@@ -40,7 +25,7 @@ async def test_served_prompt_equals_trained_prompt(tmp_path: Path) -> None:
              Turn("assistant", None, 12, "an earlier bot reply", created_utc=now),
              Turn("user", BOB, 13, "bob again", created_utc=now),
              Turn("user", ALICE, 14, "alice asks", created_utc=now)]
-    out = await core.chat(Channel(), guild_id=G, channel_id=1, user_id=ALICE,
+    out = await core.chat(RecordingChannel(), guild_id=G, channel_id=1, user_id=ALICE,
                           request_message_id=14, turns=turns)
     assert out.logged
     await core.rate(G, out.feedback_message_id, BOB, 1)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from storage.times import utc_now
-
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from guildtune.config import Config, parse_config
+from guildtune.config import Config
 from storage import Store, open_store
-from trainer.data import (Example, build_dataset, cap_user_share, examples_from_messages,
-                          is_heldout)
+from storage.times import utc_now
+from tests.fakes import TINY, make_config
+from trainer.data import (
+    Example,
+    build_dataset,
+    cap_user_share,
+    examples_from_messages,
+    is_heldout,
+)
 from trainer.scrub import scrub
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,9 +28,8 @@ G = 7
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Config:
-    return parse_config({"storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
-                         "training": {"enabled": True, "correction_weight": 3.0},
-                         "privacy": {"max_user_share": 0.25}})
+    return make_config(tmp_path, TINY, training={"enabled": True, "correction_weight": 3.0},
+                       privacy={"max_user_share": 0.25})
 
 
 @pytest.fixture
@@ -208,12 +212,10 @@ def _fit_tiny(tmp_path: Path, *, preference_loss: bool, negatives: list[Example]
     from trainer.fit import collate, encode_all, fit, token_nll
 
     torch.set_num_threads(1)
-    cfg = parse_config({"storage": {"data_dir": str(tmp_path)}, "model": {"name": "tiny"},
-                        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-                        "training": {"enabled": True, "max_steps": 4, "epochs": 3.0,
-                                     "batch_size": 4, "seed": 3,
-                                     "preference_loss": preference_loss,
-                                     "preference_weight": 1.0}})
+    cfg = make_config(tmp_path, TINY, lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+                      training={"enabled": True, "max_steps": 4, "epochs": 3.0,
+                                "batch_size": 4, "seed": 3, "preference_loss": preference_loss,
+                                "preference_weight": 1.0})
     lm = load_model("tiny")  # fit wraps the model in place: a fresh one for every fit
     res = fit(lm.model, lm.tokenizer, LIKED, cfg, negatives=negatives)
     assert res.steps == 4 and all(torch.isfinite(torch.tensor(res.losses)))
