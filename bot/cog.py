@@ -133,8 +133,7 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
             try:
                 sched = make_scheduler(s.store, s.config, asyncio=True, training=False)
             except Exception:  # chat must keep working without the scheduler
-                log.exception("scheduler failed to start: no retention purge, no scheduled "
-                              "retrains")
+                log.exception("scheduler failed to start: no retention purge in this process")
                 return
             s.scheduler = sched
         if not getattr(sched, "running", False):

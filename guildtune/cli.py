@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from .cli_types import discord_id
 from .config import Config, ConfigError, load_config
-from .policy import explain, operator_block
+from .policy import operator_block
 
 log = logging.getLogger("guildtune")
 
@@ -73,7 +73,9 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     print(f"database: {cfg.db_path} (schema up to date)")
     print(f"config:   {cfg.source}")
     off = operator_block(cfg)
-    print(f"training: {'enabled by the operator' if off is None else explain(off)}")
+    print("training: enabled by the operator" if off is None else
+          f"training: {off}; set it to true once Discord has allowed training on message "
+          "content (see the README)")
     return 0
 
 
@@ -324,7 +326,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         errors.extend(getattr(module, n) for n in names)
     for mod in ("bot.engine", "trainer"):
         module = sys.modules.get(mod)
-        for n in ("AdapterError", "EngineError", "TrainerError"):
+        for n in ("AdapterError", "EngineError", "TrainingError"):
             if module is not None and hasattr(module, n):
                 errors.append(getattr(module, n))
     return tuple(errors)

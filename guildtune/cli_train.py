@@ -14,7 +14,7 @@ from typing import Any
 
 from guildtune.cli_types import discord_id
 from guildtune.config import Config
-from guildtune.policy import operator_block
+from guildtune.policy import GUILD_OFF, operator_block
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
                 run_id, res = train_foreground(store, cfg, args.guild, force=args.force,
                                                model_name=args.model, progress=progress)
             except TrainingError as exc:
-                raise SystemExit(f"error: {exc}") from None
+                hint = ("" if args.force or GUILD_OFF.split("{")[0] not in str(exc) else
+                        " (or train it now anyway with --force)")
+                raise SystemExit(f"error: {exc}{hint}") from None
     finally:
         store.close()
     m = res.metrics

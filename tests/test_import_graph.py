@@ -1,4 +1,5 @@
-"""The layers of DESIGN.md hold in the code: no import runs upward, no cycle between packages.
+"""The layers of the design (../shared/DESIGN.md, "Layers") hold in the code: no import runs
+upward, no cycle between packages, no two modules importing each other.
 
     storage (SQL only) <- the kernel (guildtune/ minus the application) <- trainer/ and bot/
     (never importing each other) <- the application (guildtune.cli*, guildtune.demo*,
@@ -179,7 +180,7 @@ def test_no_import_runs_upward() -> None:
         print("upward:", e, "(allow-listed)" if (e.importer, e.imported) in ALLOWED_VIOLATIONS
               else "")
     new = [str(e) for e in bad if (e.importer, e.imported) not in ALLOWED_VIOLATIONS]
-    assert not new, "imports against the layers (DESIGN.md, Layers):\n" + "\n".join(new)
+    assert not new, "imports against the layers (README, Architecture):\n" + "\n".join(new)
 
 
 def test_the_allow_list_only_shrinks() -> None:
@@ -196,3 +197,58 @@ def test_no_cycle_between_packages() -> None:
     for c in package_cycles(all_edges()):
         print("cycle:", " -> ".join(c))
     assert not cycles, "cycles between layers: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def module_cycles(edges: list[Edge]) -> list[list[str]]:
+    """Strongly connected groups of modules (two or more that reach each other through
+    imports), e.g. an engine and a client that import each other. An import of one's own parent
+    package is not an edge: Python runs the package first anyway."""
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        a, b = e.importer, e.imported
+        if a != b and not a.startswith(b + ".") and b.split(".")[0] in PACKAGES:
+            graph.setdefault(a, set()).add(b)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_two_modules_import_each_other() -> None:
+    cycles = module_cycles(all_edges())
+    assert not cycles, "modules that import each other:\n" + "\n".join(map(str, cycles))
+
+
+def test_the_module_cycle_check_catches_a_pair() -> None:
+    pair = [Edge("bot.engine.base", "bot.engine.local", 1),
+            Edge("bot.engine.local", "bot.engine.base", 2),
+            Edge("bot.engine.local", "bot.engine", 3)]  # its own package: not an edge
+    assert module_cycles(pair) == [["bot.engine.base", "bot.engine.local"]]
+    assert module_cycles(pair[1:]) == []
