@@ -154,8 +154,9 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
         pruned = prune_withdrawn(store, cfg)
     finally:
         store.close()
-    print(f"deleted {report.total_deleted} rows of user {args.user}: "
-          + ", ".join(f"{k} {v}" for k, v in report.deleted.items() if v))
+    parts = ", ".join(f"{k} {v}" for k, v in report.deleted.items() if v)
+    print(f"deleted {report.total_deleted} rows of user {args.user}"
+          + (f": {parts}" if parts else " (nothing of theirs was stored)"))
     for g, v in report.tainted:
         print(f"guild {g}: version {v} was trained on their data; it will not be used again")
     for g, run_id in report.retrain_runs.items():

@@ -212,10 +212,13 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     store = _store(cfg)
     try:
         before = store.active_version(args.guild)
+        if before is None:
+            raise SystemExit(f"error: guild {args.guild} is already on the base model; nothing "
+                             "to roll back")
         after = store.rollback(args.guild)
     finally:
         store.close()
-    was = f"v{before.version}" if before else "the base model"
+    was = f"v{before.version}"
     now = f"v{after.version}" if after else "the base model"
     print(f"guild {args.guild}: {was} -> {now}")
     return 0

@@ -145,7 +145,9 @@ class RegistryMixin(StoreBase):
         """Retire the active version and activate the newest earlier clean one that was
         active before. Returns it, or None when the guild is back on the base model."""
         active = self.active_version(guild_id)
-        below = active.version if active else 1 << 62
+        if active is None:
+            return None  # already on the base model: nothing to roll back (never a toggle)
+        below = active.version
         prev = self._one(
             "SELECT version FROM adapter_versions WHERE guild_id = ? AND version < ? AND "
             "tainted_utc IS NULL AND status = 'retired' AND activated_utc IS NOT NULL "

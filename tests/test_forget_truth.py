@@ -580,3 +580,10 @@ def test_a_run_whose_lease_was_lost_cannot_publish(store: Store) -> None:
     with pytest.raises(StoreError, match="no longer running"):
         _register(store, 1, {ALICE: 1}, run_id=run_id)
     assert store.versions(G) == []
+
+
+def test_rollback_from_the_base_model_is_not_a_toggle(store: Store) -> None:
+    store.grant_consent(G, ALICE)
+    _register(store, 1, {ALICE: 1})
+    assert store.rollback(G) is None and store.active_version(G) is None
+    assert store.rollback(G) is None and store.active_version(G) is None  # stays on the base
