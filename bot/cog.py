@@ -438,8 +438,9 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         assert interaction.guild_id is not None
         await answer(interaction, await self.core.set_schedule(interaction.guild_id, crontab))
 
-    @tune.command(name="persona", description="This server's system prompt (empty resets it)")
-    @app_commands.describe(text="How the bot should behave here; leave empty to reset")
+    @tune.command(name="persona", description="Show or set this server's system prompt")
+    @app_commands.describe(text="How the bot should behave here; `reset` for the default; "
+                                "leave empty to see it")
     @admin_only
     async def tune_persona(self, interaction: discord.Interaction,
                            text: str | None = None) -> None:

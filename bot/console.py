@@ -33,7 +33,7 @@ HELP = """commands:
   /mydata                   your stored data as JSON
   /forget                   delete your data (asks to confirm)
   /tune status | retrain | rollback | training on|off | schedule <cron>
-        | persona [text] | channels list
+        | persona [text|reset] | channels list
   /help, /quit"""
 
 
@@ -224,7 +224,7 @@ class Console:
             self.say(await self.core.channels(g, "list", None))
         else:
             raise UserError("Use /tune status | retrain | rollback | training on|off | "
-                            "schedule <cron> | persona [text] | channels list")
+                            "schedule <cron> | persona [text|reset] | channels list")
 
     async def chat(self, text: str) -> None:
         """Send ``text`` as the local user and print the reply."""

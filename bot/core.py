@@ -380,7 +380,8 @@ class Core:
         runs = await self._db(self.s.store.runs, guild_id, 20)
         now = self.s.clock()
         for r in runs:
-            if r.trigger == "manual":
+            # A run that could not train (refused, crashed) does not use up the cooldown.
+            if r.trigger == "manual" and r.status != "failed":
                 age = now - _parse_utc(r.created_utc).timestamp()
                 if age < cooldown:
                     raise UserError(f"A retrain was requested {int(age // 60)} min ago; the next "
@@ -445,14 +446,24 @@ class Core:
             log.exception("rescheduling training jobs failed")
 
     async def set_persona(self, guild_id: int, text: str | None) -> str:
-        """Set (or with empty text, reset) the guild's system prompt."""
+        """Show the guild's system prompt (no text), reset it to the default (``reset``), or
+        set it. An empty command never wipes a persona an admin wrote."""
         text = (text or "").strip()
+        if not text:
+            gs = await self.settings(guild_id)
+            if not gs.persona:
+                return ("This server uses the default system prompt: "
+                        f"“{self.s.config.model.system_prompt}”. Set one with "
+                        "`/tune persona <text>`.")
+            return (f"This server's persona: “{gs.persona}”. `/tune persona reset` "
+                    "goes back to the default.")
+        if text.lower() == "reset":
+            await self._update(guild_id, persona=None)
+            return "Persona reset to the default system prompt."
         if len(text) > PERSONA_MAX_CHARS:
             raise UserError(f"The persona is {len(text)} characters; keep it under "
                             f"{PERSONA_MAX_CHARS} (it uses the model's context).")
-        await self._update(guild_id, persona=text or None)
-        if not text:
-            return "Persona reset to the default system prompt."
+        await self._update(guild_id, persona=text)
         return "Persona updated: replies use it from now on."
 
     async def channels(self, guild_id: int, action: str, channel_id: int | None) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_types import discord_id
+from .cli_types import add_config_option, discord_id
 from .config import Config, ConfigError, load_config
 from .policy import operator_block
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_commands(sub)
+    for command in sub.choices.values():  # every command takes --config, before or after it
+        add_config_option(command)
     return parser
 
 

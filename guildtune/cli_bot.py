@@ -18,26 +18,15 @@ from guildtune.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS: when the main parser also has --config, a subcommand's default must not
-    # overwrite a value given before the subcommand.
-    try:
-        p.add_argument("--config", default=argparse.SUPPRESS, help="config file (TOML)")
-    except argparse.ArgumentError:
-        pass
-
-
 def add_commands(sub: Any) -> None:
     """Register ``run``, ``console`` and ``sync``."""
     p = sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN)")
-    _add_config(p)
     p.add_argument("--no-worker", action="store_true",
                    help="do not start a training worker process (run `guildtune worker` "
                         "elsewhere, e.g. on a GPU host)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("console", help="chat in the terminal with the same handlers, no Discord")
-    _add_config(p)
     p.add_argument("--guild", required=True, metavar="NAME", help="local guild name")
     p.add_argument("--user", default="you", metavar="NAME", help="local user name")
     p.add_argument("--engine", choices=("model", "echo"), default="model",
@@ -46,7 +35,6 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("sync", help="register the slash commands with Discord (explicit, "
                                     "never done on start)")
-    _add_config(p)
     p.add_argument("--guild", type=discord_id, default=None, metavar="ID",
                    help="sync to one guild (instant) instead of globally (up to an hour)")
     p.set_defaults(func=cmd_sync)

@@ -14,3 +14,14 @@ def discord_id(text: str) -> int:
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"{text} is not an id: out of the 64-bit range")
     return value
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` on a subcommand too (``guildtune init --config X`` as well as
+    ``guildtune --config X init``). SUPPRESS: a subcommand's default must not overwrite a value
+    given before the subcommand."""
+    try:
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                       help="config file (TOML); also accepted before the command")
+    except argparse.ArgumentError:  # the subcommand has it already
+        pass

@@ -174,7 +174,10 @@ async def test_persona_and_channels(env) -> None:
     await cog.tune_persona.callback(cog, i, "x" * 5000)
     assert "keep it under" in i.text and s.store.guild_settings(G).persona == "You are terse."
     i = inter(bot, ADMIN)
-    await cog.tune_persona.callback(cog, i, None)
+    await cog.tune_persona.callback(cog, i, None)  # shows it: an empty command never wipes it
+    assert "You are terse." in i.text and s.store.guild_settings(G).persona == "You are terse."
+    i = inter(bot, ADMIN)
+    await cog.tune_persona.callback(cog, i, "reset")
     assert s.store.guild_settings(G).persona is None
     chan = discord.Object(id=555)
     i = inter(bot, ADMIN)
