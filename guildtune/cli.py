@@ -85,6 +85,14 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     # No discord, no torch in it; the same words as /tune status.
     from bot.status import StatusReport
 
+    if not cfg.db_path.exists() and not cfg.data_dir.is_file():
+        # A status never creates the database as a side effect (a data dir that is a file is
+        # still the one-line error of _store).
+        if args.json:
+            _print_json({"data_dir": str(cfg.data_dir), "guilds": []})
+        else:
+            print(f"no database yet at {cfg.db_path} (`guildtune init` creates it); no guilds")
+        return 0
     store = _store(cfg)
     try:
         guilds = [args.guild] if args.guild else store.guild_ids()
@@ -192,6 +200,7 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
             source={"sha256": src.sha256, "file_name": src.path.name})
         if args.learn_from_humans:
             store.update_guild_settings(args.guild, learn_from_humans=True)
+        learns = store.guild_settings(args.guild).learn_from_humans
         pairs = len(store.reply_pairs(args.guild))
     finally:
         store.close()
@@ -215,6 +224,10 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
     note = src.dating_note()
     if note:
         print(f"note: {note}")
+    if not args.learn_from_humans and not learns:
+        print("note: this guild does not learn from members' replies to each other, so this "
+              "history is stored but not trained on; run the import again with "
+              "--learn-from-humans to turn that on (nothing is stored twice)")
     days = cfg.privacy.retention_days
     if days > 0:
         cutoff = format_utc(datetime.now(UTC) - timedelta(days=days))

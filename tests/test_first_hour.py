@@ -49,3 +49,34 @@ async def test_persona_without_text_shows_it_and_only_reset_resets(tmp_path: Pat
     assert "reset" in await core.set_persona(G, "reset")
     assert s.store.guild_settings(G).persona is None
     s.store.close()
+
+
+def test_status_never_creates_the_database(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    assert main(["--config", str(cfg), "status"]) == 0
+    assert "guildtune init" in capsys.readouterr().out
+    assert not (tmp_path / "d" / "guildtune.db").exists()
+
+
+def test_import_says_when_history_will_not_be_trained_on(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"community": "c", "part": 0, "seq": i,
+                                       "time": f"2026-11-20T10:00:0{i}Z", "author_id": 1 + i % 2,
+                                       "text": f"line {i}", "reply_to": [i - 1] if i else []})
+                           for i in range(4)))
+    assert main(["--config", str(cfg), "import", "--guild", "7", str(f)]) == 0
+    assert "not trained on" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "import", "--guild", "7", "--learn-from-humans",
+                 str(f)]) == 0  # already imported: turns learning on, stores nothing twice
+    out = capsys.readouterr().out
+    assert "already imported" in out and "not trained on" not in out
+    from storage import open_store
+
+    with open_store(tmp_path / "d" / "guildtune.db") as store:
+        assert store.guild_settings(7).learn_from_humans
