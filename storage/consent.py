@@ -11,8 +11,15 @@ from typing import Any
 
 from .db import StoreBase, StoreError, _writes
 from .privacy import ForgetReport, withdrawn_key
-from .text import PLACEHOLDER, _clip, cut_quotes, quoted_grams
-from .times import parse_utc, to_utc, utc_now
+from .text import _clip, cut_quotes, hidden_turn, quoted_grams
+from .times import to_utc, utc_now
+
+
+def consent_covers(since: str | None, written: str) -> bool:
+    """Consent covers what a member writes from the moment they opt in: ``since`` is their
+    consent time (None: not opted in), ``written`` when the text was written. Both are stored
+    stamps (``storage.times``), which compare as times."""
+    return since is not None and written >= since
 
 
 @dataclass(frozen=True)
@@ -163,17 +170,16 @@ class ConsentMixin(StoreBase):
             except ValueError:
                 raise StoreError(f"context entry {n}: created_utc {written!r} is not an "
                                  "ISO 8601 time") from None
-            # Consent covers what a member says from the moment they opt in: a message written
-            # before that stays a placeholder even when it shows up in a later context.
-            if since is not None and stamp is not None and parse_utc(stamp) >= parse_utc(since):
+            # A message written before its author opted in stays a placeholder even when it
+            # shows up in a later context.
+            if stamp is not None and consent_covers(since, stamp):
                 out.append({"role": role, "author_id": str(author),
                             "message_id": None if entry.get("message_id") is None
                             else str(entry["message_id"]), "text": _clip(text),
                             "created_utc": stamp})
             else:
                 hidden.append(text)
-                out.append({"role": "user", "author_id": None, "message_id": None,
-                            "text": PLACEHOLDER})
+                out.append(hidden_turn())
         if hidden:
             # The bot's earlier turns may repeat what a hidden member said.
             grams = quoted_grams(hidden)

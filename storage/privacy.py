@@ -13,9 +13,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .db import StoreBase, _writes, log
-from .text import PLACEHOLDER, _name_pattern, cut_quotes, quoted_grams
+from .text import _name_pattern, cut_quotes, hidden_turn, quoted_grams
 from .times import format_utc as _utc
 from .times import parse_utc, utc_now
+
+
+def after_withdrawal(cutoffs: dict[int, str], user: int, when: str | None) -> bool:
+    """Whether what ``user`` wrote or rated at ``when`` may train: strictly after their last
+    forget or opt-out (``_cutoffs``; a row stamped in the same millisecond is withheld)."""
+    line = cutoffs.get(int(user))
+    return line is None or (when is not None and when > line)
 
 
 def withdrawn_key(guild_id: int, user_id: int) -> str:
@@ -188,8 +195,7 @@ class PrivacyMixin(StoreBase):
             new_ctx = []
             for e in ctx:
                 if e.get("author_id") == uid and e.get("role") != "assistant":
-                    new_ctx.append({"role": "user", "author_id": None, "message_id": None,
-                                    "text": PLACEHOLDER})
+                    new_ctx.append(hidden_turn())
                 elif e.get("role") == "assistant":
                     new_ctx.append({**e, "text": who.sub("@member",
                                                          cut_quotes(e.get("text", ""), grams))})
@@ -305,36 +311,34 @@ class PrivacyMixin(StoreBase):
                         "withdrawn_utc, lifted_utc) VALUES (?, ?, ?, ?, NULL)",
                         [guild_id, withdrawn_key(guild_id, user_id), reason, utc_now()])
 
-    def _withdrawn(self, guild_id: int, users: Iterable[int]) -> set[int]:
-        """Which of ``users`` asked to be forgotten or opted out in the guild, or asked to be
-        forgotten everywhere and have not opted in here since."""
-        users = set(users)
-        here = {withdrawn_key(guild_id, u): u for u in users}
-        everywhere = {withdrawn_key(0, u): u for u in users}
-        found: set[int] = set()
-        for g, keys in ((guild_id, here), (0, everywhere)):
-            items = list(keys)
-            for i in range(0, len(items), 500):
-                chunk = items[i:i + 500]
-                found |= {keys[k] for (k,) in self.db.execute(
-                    f"SELECT user_key FROM withdrawn WHERE guild_id = ? AND lifted_utc IS NULL "
-                    f"AND user_key IN ({','.join('?' * len(chunk))})", [g, *chunk])}
-        return found - (set(self._granted(guild_id, found)) if found else set())
-
-    def _cutoffs(self, guild_id: int, users: Iterable[int]) -> dict[int, str]:
-        """user -> the time of their last forget or opt-out in the guild (or everywhere): what
-        they wrote before it never trains again, even once they opt in anew."""
+    def _withdrawals(self, guild_id: int, users: Iterable[int],
+                     ) -> list[tuple[int, str, str | None]]:
+        """(user, withdrawn_utc, lifted_utc) of every forget or opt-out of ``users`` in the
+        guild, and of every forget of theirs everywhere."""
         keys: dict[str, int] = {}
         for u in {int(x) for x in users}:
             keys[withdrawn_key(guild_id, u)] = u
             keys[withdrawn_key(0, u)] = u
-        out: dict[int, str] = {}
+        out = []
         items = list(keys)
         for i in range(0, len(items), 500):
             chunk = items[i:i + 500]
-            for k, t in self.db.execute(
-                    f"SELECT user_key, withdrawn_utc FROM withdrawn WHERE guild_id IN (?, 0) AND "
-                    f"user_key IN ({','.join('?' * len(chunk))})", [guild_id, *chunk]):
-                u = keys[k]
-                out[u] = max(out.get(u, t), t)
+            out += [(keys[k], t, lifted) for k, t, lifted in self.db.execute(
+                f"SELECT user_key, withdrawn_utc, lifted_utc FROM withdrawn WHERE guild_id IN "
+                f"(?, 0) AND user_key IN ({','.join('?' * len(chunk))})", [guild_id, *chunk])]
+        return out
+
+    def _withdrawn(self, guild_id: int, users: Iterable[int]) -> set[int]:
+        """Which of ``users`` asked to be forgotten or opted out in the guild, or asked to be
+        forgotten everywhere, and have not opted in here since."""
+        found = {u for u, _, lifted in self._withdrawals(guild_id, users) if lifted is None}
+        return found - (set(self._granted(guild_id, found)) if found else set())
+
+    def _cutoffs(self, guild_id: int, users: Iterable[int]) -> dict[int, str]:
+        """user -> the time of their last forget or opt-out in the guild (or everywhere): what
+        they wrote or rated before it never trains again, even once they opt in anew
+        (``after_withdrawal``)."""
+        out: dict[int, str] = {}
+        for u, t, _ in self._withdrawals(guild_id, users):
+            out[u] = max(out.get(u, t), t)
         return out

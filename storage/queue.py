@@ -124,14 +124,14 @@ class QueueMixin(StoreBase):
         """What forgetting owes a guild once one of its runs ends (in the caller's
         transaction): a run a forget or an opt-out landed in is followed by a retrain without
         them, and a tainted version still active (``strict_forget`` off) stops serving now."""
-        run = self.get_run(run_id)
-        if run is None:
+        row = self._one("SELECT guild_id, rerun FROM training_runs WHERE id = ?", [run_id])
+        if row is None:
             return
-        if self._scalar("SELECT rerun FROM training_runs WHERE id = ?", [run_id]):
-            self.enqueue_run(run.guild_id, "forget")
-        active = self.active_version(run.guild_id)
+        if row["rerun"]:
+            self.enqueue_run(row["guild_id"], "forget")
+        active = self.active_version(row["guild_id"])
         if active is not None and active.tainted_utc is not None:
-            self.rollback(run.guild_id)
+            self.rollback(row["guild_id"])
 
     @_writes
     def recover_stale_runs(self, now: datetime | None = None, max_attempts: int = 2) -> list[int]:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from .db import StoreBase
+from .privacy import after_withdrawal
 from .text import _withhold, cut_quotes, quoted_grams
 
 
@@ -37,11 +38,8 @@ class ReadsMixin(StoreBase):
         cut = self._cutoffs(guild_id, consented)
 
         def usable(user: Any, when: str | None) -> bool:
-            if user is None or int(user) not in consented:
-                return False
-            line = cut.get(int(user))
-            # Strictly after: a row stamped in the same millisecond as the opt-out is withheld.
-            return line is None or (when is not None and when > line)
+            return user is not None and int(user) in consented and \
+                after_withdrawal(cut, user, when)
 
         by_interaction: dict[str, list[dict[str, Any]]] = {}
         for f in ratings:
@@ -90,8 +88,8 @@ class ReadsMixin(StoreBase):
         if not cut:
             return pairs
         return [p for p in pairs
-                if p["parent_utc"] > cut.get(p["parent_user"], "")
-                and p["created_utc"] > cut.get(p["reply_user"], "")]
+                if after_withdrawal(cut, p["parent_user"], p["parent_utc"])
+                and after_withdrawal(cut, p["reply_user"], p["created_utc"])]
 
     def examples_since(self, guild_id: int, since_utc: str | None) -> int:
         """New training signal since a time: liked or corrected interactions, and replies

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .consent import consent_covers
 from .db import StoreBase, StoreError, _writes, log
 from .ids import new_ulid
-from .text import DELETED, PLACEHOLDER, _clip, cut_quotes, quoted_grams
-from .times import parse_utc, to_utc, utc_now
+from .text import DELETED, _clip, cut_quotes, hidden_turn, quoted_grams
+from .times import to_utc, utc_now
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,14 @@ class RecordsMixin(StoreBase):
                     created_utc: str | None = None, source: str = "discord") -> bool:
         """Store a human message, only if its author had opted in when they wrote it (the
         same rule as for contexts). Returns whether it did."""
-        since = self._granted(guild_id, [user_id]).get(int(user_id))
-        if since is None:
-            return False
-        if created_utc and parse_utc(to_utc(created_utc)) < parse_utc(since):
-            return False  # written before they opted in: not theirs to give yet
+        written = to_utc(created_utc) if created_utc else utc_now()
+        if not consent_covers(self._granted(guild_id, [user_id]).get(int(user_id)), written):
+            return False  # not opted in, or written before they opted in: not theirs to give
         self.db.execute(
             "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
             "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [guild_id, message_id, channel_id, user_id, _clip(text), reply_to_message_id, source,
-             to_utc(created_utc) if created_utc else utc_now()])
+             written])
         return True
 
     @_writes
@@ -288,6 +287,6 @@ class RecordsMixin(StoreBase):
                 return None
             if e.get("author_id") in consented:
                 return {**e, "text": text}
-            return {"role": "user", "author_id": None, "message_id": None, "text": PLACEHOLDER}
+            return hidden_turn()
 
         return n + self._rewrite_contexts(guild_id, f'"{mid}"', fix)

@@ -76,6 +76,12 @@ def cut_quotes(text: str, grams: set[tuple[str, ...]], n: int = QUOTE_MIN_WORDS)
     return "".join(out)
 
 
+def hidden_turn(text: str = PLACEHOLDER) -> dict[str, Any]:
+    """A stored context turn whose author and words are not kept: the placeholder of a member
+    without consent (or forgotten), or ``DELETED`` for a deleted message."""
+    return {"role": "user", "author_id": None, "message_id": None, "text": text}
+
+
 def _withhold(context: list[dict[str, Any]], consented: set[str],
               ) -> tuple[list[dict[str, Any]], list[str]]:
     """A stored context as training may read it now: turns of members who have opted out
@@ -91,8 +97,7 @@ def _withhold(context: list[dict[str, Any]], consented: set[str],
     for e in context:
         if e.get("role") != "assistant" and e.get("author_id") is not None \
                 and e["author_id"] not in consented:
-            out.append({"role": "user", "author_id": None, "message_id": None,
-                        "text": PLACEHOLDER})
+            out.append(hidden_turn())
         elif e.get("role") == "assistant":
             out.append({**e, "text": cut_quotes(e.get("text", ""), grams)})
         else:
