@@ -207,13 +207,13 @@ class PrivacyMixin(StoreBase):
                                 "updated_utc = ? WHERE id = ?",
                                 [json.dumps(new_ctx), reply, utc_now(), row["id"]])
                 n += 1
+        mentions = "instr(text, ?) > 0" + (" OR instr(text, '@') > 0" if has_names else "")
         for table, key, cut in (("messages", "message_id", False), ("corrections", "id", True)):
-            where = ["instr(text, ?) > 0"] + (["instr(text, '@') > 0"] if has_names else [])
-            if cut and grams:
-                where = ["1"]  # suggested replies are training targets: all of them, few
+            # Suggested replies are training targets: with quotes to cut, all of them (few).
+            where = "1" if cut and grams else mentions
+            params = [] if where == "1" else [uid]
             for row in self._rows(f"SELECT {key} AS k, text FROM {table} WHERE guild_id = ? "
-                                  f"AND ({' OR '.join(where)})",
-                                  [guild_id, *([uid] if where != ["1"] else [])]):
+                                  f"AND ({where})", [guild_id, *params]):
                 text = who.sub("@member", cut_quotes(row["text"], grams) if cut else row["text"])
                 if text != row["text"]:
                     self.db.execute(f"UPDATE {table} SET text = ? WHERE guild_id = ? AND "
