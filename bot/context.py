@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guildtune.prompting import CHARS_PER_TOKEN, estimate_chat, merge_turns
+from guildtune.prompting import CHARS_PER_TOKEN, estimate_chat
 from storage.times import to_utc
 
 
@@ -90,12 +90,13 @@ def chat_messages(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> 
                          max_chars // CHARS_PER_TOKEN)
 
 
-def kept_turns(system_prompt: str, turns: Sequence[Turn], max_chars: int) -> list[Turn]:
-    """The turns ``chat_messages`` keeps (the newest ones: it drops the oldest whole), so that
-    what is stored is what the model was shown, not the wider window around it."""
-    for start in range(len(turns)):
-        rest = turns[start:]
-        groups = len(merge_turns((t.role, t.text) for t in rest))
-        if len(chat_messages(system_prompt, rest, max_chars)) - 1 >= groups:
-            return list(rest)
-    return list(turns[-1:])
+def kept_turns(turns: Sequence[Turn], shown: Sequence[dict[str, str]]) -> list[Turn]:
+    """The turns behind ``shown`` (what ``chat_messages`` returned for ``turns``), so that what
+    is stored is what the model was shown, not the wider window around it. ``chat_messages``
+    merges consecutive user turns into one message and drops the oldest messages whole, so the
+    kept turns are those of its last ``len(shown) - 1`` merged groups (one message is the
+    system prompt)."""
+    starts = [i for i, t in enumerate(turns)
+              if i == 0 or not (t.role == "user" and turns[i - 1].role == "user")]
+    dropped = max(len(starts) - (len(shown) - 1), 0)
+    return list(turns[starts[dropped]:]) if dropped < len(starts) else list(turns[-1:])

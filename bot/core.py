@@ -205,7 +205,7 @@ class Core:
                                                     last=i == len(parts) - 1))
         if guild_id is not None:
             # What the model was shown, not the wider window the front end collected.
-            context = [t.stored() for t in kept_turns(persona, turns, max_chars)]
+            context = [t.stored() for t in kept_turns(turns, msgs)]
             try:
                 res = await self._db(
                     self.s.store.log_interaction, guild_id, channel_id, user_id,

@@ -75,10 +75,16 @@ def test_the_stored_context_is_what_the_model_was_shown() -> None:
              Turn("assistant", None, 2, "short answer", created_utc=now),
              Turn("user", 2, 3, "and now?", created_utc=now)]
     shown = chat_messages("be nice", turns, 300)
-    kept = kept_turns("be nice", turns, 300)
+    kept = kept_turns(turns, shown)
     assert [t.message_id for t in kept] == [2, 3]
     assert "x" * 600 not in str(shown) and len(shown) == 3
-    assert kept_turns("be nice", turns, 10_000) == turns
+    assert kept_turns(turns, chat_messages("be nice", turns, 10_000)) == turns
+    # Two members in a row are one merged message: dropped (or kept) together.
+    merged = [Turn("user", 4, 0, "y" * 300, created_utc=now), *turns]
+    assert [t.message_id for t in kept_turns(merged, chat_messages("be nice", merged, 300))] \
+        == [2, 3]
+    both = chat_messages("be nice", merged[:2] + turns[1:], 10_000)
+    assert len(both) == 4 and kept_turns(merged[:2] + turns[1:], both) == merged[:2] + turns[1:]
 
 
 async def test_core_stores_only_the_turns_the_model_was_shown(tmp_path) -> None:
