@@ -129,20 +129,16 @@ class ConsentMixin(StoreBase):
             f"SELECT user_id, granted_utc FROM consents WHERE guild_id = ? AND user_id IN "
             f"({marks})", [guild_id, *ids])}
 
-    def redact_context(self, guild_id: int, context: list[dict[str, Any]], *,
-                       granted: dict[int, str] | None = None) -> list[dict[str, Any]]:
-        """The context as it may be stored: text and ids of non-consented authors replaced.
+    def _redact(self, guild_id: int, context: list[dict[str, Any]],
+                granted: dict[int, str] | None = None,
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The context as it may be stored, and the texts it hid: text and ids of authors
+        without consent at the time they wrote are replaced by the placeholder.
 
         Entries: ``{"role": "user"|"assistant", "author_id", "message_id", "text",
         "created_utc"}``; ``created_utc`` (when the message was written, any ISO 8601 time) is
         required on every member's turn; the bot's own turns are kept.
         """
-        return self._redact(guild_id, context, granted)[0]
-
-    def _redact(self, guild_id: int, context: list[dict[str, Any]],
-                granted: dict[int, str] | None = None,
-                ) -> tuple[list[dict[str, Any]], list[str]]:
-        """(the storable context, the texts it hid)."""
         if granted is None:
             granted = self._granted(guild_id, (e.get("author_id") for e in context))
         out: list[dict[str, Any]] = []
