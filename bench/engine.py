@@ -10,6 +10,13 @@ Measures, in one run, each against its baseline:
     python bench/engine.py --quick    # 4 layers, fewer repetitions (smoke run)
 
 Prints a table and writes bench/results/engine.json.
+
+    python bench/engine.py --smollm2  # the real SmolLM2-135M-Instruct, ~6 min on 2 CPU cores
+
+runs the local engine as it was before issue 12 (fp32, hot swap from the files on the model
+thread) against the current one (dtype "auto", weights prepared off the model thread), each in a
+fresh process (for its peak RSS), on one fixed request set (``smol_request``, so that other
+engines can be measured on the same one), and writes bench/results/engine-smollm2.json.
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ def build_base(layers: int, dtype: torch.dtype, device: str) -> Any:
     return model
 
 
-def write_adapter(root: Path, model: Any, guild: int, version: int) -> Path:
+def write_adapter(root: Path, model: Any, guild: int, version: int,
+                  base_id: str = BASE_ID) -> Path:
     """A random LoRA r=16 adapter for every linear layer, written as peft would save it."""
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
@@ -79,7 +87,7 @@ def write_adapter(root: Path, model: Any, guild: int, version: int) -> Path:
     save_file(tensors, str(path / ADAPTER_WEIGHTS))
     PeftLoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
                    target_modules=list(TARGETS)).save_pretrained(str(path))
-    write_meta(path, adapter_meta(guild_id=guild, version=version, base_model=BASE_ID,
+    write_meta(path, adapter_meta(guild_id=guild, version=version, base_model=base_id,
                                   lora=LORA.shape()))
     return path
 
@@ -262,13 +270,225 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- SmolLM2-135M: the engine before and after issue 12 ---------------------------------------
+
+SMOL_CACHE = Path(tempfile.gettempdir()) / "guildtune-bench"
+SMOL_PROMPTS = (
+    "What's a good way to learn a new programming language?",
+    "Can you explain what a hash table is?",
+    "Tell me a fun fact about octopuses.",
+    "How do I make a cup of green tea?",
+    "Why is the sky blue?",
+    "Give me three tips for writing clear emails.",
+    "What should I pack for a weekend hike?",
+    "How does a bicycle stay upright?",
+)
+SMOL_NEW_TOKENS = 64
+SMOL_LEVELS = (1, 4, 8)
+
+
+def smol_request(i: int) -> GenerationRequest:
+    """Request i of the fixed set: guild (i % 4) + 1 (4 guilds, 4 distinct adapters), prompt i,
+    a system persona, greedy, 64 new tokens, no repetition penalty. "n concurrent" sends
+    requests 0..n-1 at once."""
+    return GenerationRequest(i % 4 + 1, [
+        {"role": "system", "content": "You are a friendly community bot. Answer briefly."},
+        {"role": "user", "content": SMOL_PROMPTS[i]}],
+        max_new_tokens=SMOL_NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
+
+
+def _mem() -> dict[str, float]:
+    """This process's RSS now and its peak so far, MB (Linux /proc)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out["rss_mb" if line.startswith("VmRSS") else "peak_mb"] = int(line.split()[1]) / 1024
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, Any]:
+    """One engine variant in this process: 'before' = fp32 + hot swap from the files on the
+    model thread, 'after' = dtype auto (fp32 on CPU) + prepared swap, 'bf16' = 'after' in
+    bfloat16 (the dtype measurement of issue 12 item 4)."""
+    mem = {"start": _mem()}
+    import peft  # noqa: F401  (the torch runtime and libraries, before any weights)
+
+    from guildtune.models import SMOLLM2, load_model, resolve_device
+
+    mem["imports"] = _mem()
+    dtype = {"before": "float32", "after": "auto", "bf16": "bfloat16"}[variant]
+    loaded = load_model(SMOLLM2, device="cpu", dtype=dtype, cache_dir=SMOL_CACHE)
+    sum(float(p.data.float().sum()) for p in loaded.model.parameters())  # lazily mapped: read
+    mem["model"] = _mem()
+    cfg = ModelConfig(name=SMOLLM2, device="cpu", dtype=dtype, max_new_tokens=SMOL_NEW_TOKENS,
+                      temperature=0.0, repetition_penalty=1.0, max_batch_size=8,
+                      batch_wait_ms=15, max_resident_adapters=16)
+    eng = LocalEngine(loaded, cfg, LORA)
+    eng.prepare_swaps = variant != "before"
+    out: dict[str, Any] = {"variant": variant, "dtype": str(resolve_device("cpu", dtype)[1]),
+                           "torch_threads": torch.get_num_threads()}
+    await eng.start()
+    try:
+        for g in range(1, 5):
+            await eng.activate(g, 1, adapters / str(g) / "1")
+        mem["adapters"] = _mem()
+        await asyncio.gather(*(eng.generate(smol_request(i)) for i in range(8)))  # warm-up
+        levels: dict[int, Any] = {}
+        texts: dict[int, list[str]] = {}
+        for n in SMOL_LEVELS:
+            lat, toks, wall = [], 0, 0.0
+            for _ in range(rounds):
+                t = time.perf_counter()
+                res = await asyncio.gather(*(eng.generate(smol_request(i)) for i in range(n)))
+                wall += time.perf_counter() - t
+                toks += sum(r.tokens_out for r in res)
+                lat += [r.latency_ms for r in res]
+                texts[n] = [r.text for r in res]
+            levels[n] = {"tok_s": toks / wall, "p50_ms": _pct(lat, 0.5),
+                         "p99_ms": _pct(lat, 0.99), "tokens": toks, "requests": len(lat)}
+            print(f"{variant} n={n}: {levels[n]}", file=sys.stderr)
+        out["levels"] = levels
+        out["texts"] = texts
+        mem["generated"] = _mem()
+        # Hot swaps of resident guild 1 (v1 <-> v2) while guilds 2-4 keep asking: the pause is
+        # the time the model thread spent inside the swap; then the wall time from activate to
+        # the first complete 8-token reply on the new version.
+        pauses, to_reply = [], []
+        short = GenerationRequest(1, smol_request(0).messages, max_new_tokens=8,
+                                  temperature=0.0, repetition_penalty=1.0)
+        for k in range(6):
+            v = 2 if k % 2 == 0 else 1
+            background = [asyncio.ensure_future(eng.generate(smol_request(i))) for i in (1, 2, 3)]
+            await asyncio.sleep(0.05)
+            t = time.perf_counter()
+            await eng.activate(1, v, adapters / "1" / str(v))
+            pauses.append(eng.last_control_ms)
+            res = await eng.generate(short)
+            assert res.adapter_version == v
+            to_reply.append((time.perf_counter() - t) * 1000)
+            await asyncio.gather(*background)
+        mem["swapped"] = _mem()
+        idle = []  # activate alone (validation, reading the weights, the swap), no traffic
+        for k in range(4):
+            v = 2 if k % 2 == 0 else 1
+            t = time.perf_counter()
+            await eng.activate(2, v, adapters / "2" / str(v))
+            idle.append((time.perf_counter() - t) * 1000)
+        out["activate_idle_ms"] = statistics.median(idle)
+        out["swap_pause_ms"] = statistics.median(pauses)
+        out["swap_pause_max_ms"] = max(pauses)
+        out["activate_to_reply_ms"] = statistics.median(to_reply)
+    finally:
+        await eng.close()
+    ckpt = SMOL_CACHE / "models" / "smollm2-135m-instruct"
+    out["base_reload_ms"] = statistics.median(
+        reload_in_process(ckpt, loaded.dtype, "cpu") for _ in range(3)) * 1000
+    out["swap_pause_vs_reload_pct"] = 100 * out["swap_pause_ms"] / out["base_reload_ms"]
+    out["mem_mb"] = mem
+    out["peak_rss_mb"] = mem["swapped"]["peak_mb"]
+    return out
+
+
+def smol_table(r: dict[str, Any]) -> str:
+    lines = [(f"engine bench: SmolLM2-135M-Instruct, LoRA r16 all-linear, {r['cpu']}, "
+              f"{r['torch_threads']} torch threads, {SMOL_NEW_TOKENS} new tokens greedy"), "",
+             f"{'engine':<34}{'n':>3}{'tok/s':>8}{'p50 ms':>9}{'p99 ms':>9}"]
+    for v in r["variants"]:
+        for n, lv in v["levels"].items():
+            lines.append(f"{v['label']:<34}{n:>3}{lv['tok_s']:>8.1f}{lv['p50_ms']:>9.0f}"
+                         f"{lv['p99_ms']:>9.0f}")
+    lines += ["", (f"{'engine':<34}{'swap pause ms':>14}{'% of reload':>12}{'reload ms':>10}"
+                   f"{'activate idle ms':>17}{'activate->reply ms':>19}{'peak RSS MB':>12}")]
+    for v in r["variants"]:
+        lines.append(f"{v['label']:<34}{v['swap_pause_ms']:>14.1f}"
+                     f"{v['swap_pause_vs_reload_pct']:>11.1f}%{v['base_reload_ms']:>10.0f}"
+                     f"{v['activate_idle_ms']:>17.0f}{v['activate_to_reply_ms']:>19.0f}"
+                     f"{v['peak_rss_mb']:>12.0f}")
+    lines.append("")
+    for v in r["variants"]:
+        lines.append(f"{v['label'].split(' ')[0]} RSS (peak) MB after: " + ", ".join(
+            f"{k} {m['rss_mb']:.0f} ({m['peak_mb']:.0f})" for k, m in v["mem_mb"].items()))
+    return "\n".join(lines)
+
+
+def smol_main(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from guildtune.models import SMOLLM2, load_model
+
+    if args.smollm2_variant:  # a child: one variant, JSON on stdout
+        res = asyncio.run(smol_variant(args.smollm2_variant, args.adapters, args.rounds))
+        print(json.dumps(res, default=str))
+        return
+    base_id = load_model(SMOLLM2, device="cpu", dtype="float32", cache_dir=SMOL_CACHE).base_id
+    ckpt = SMOL_CACHE / "models" / "smollm2-135m-instruct"
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+    adapters = Path(tempfile.mkdtemp(prefix="guildtune-smol-"))
+    for g in range(1, 5):
+        for v in (1, 2):
+            write_adapter(adapters, shape, g, v, base_id=base_id)
+    variants = []
+    only = set(args.variants.split(","))
+    for variant, label in (("before", "before (fp32, swap on model thread)"),
+                           ("after", "after (auto = fp32, prepared swap)"),
+                           ("bf16", "after, bf16 (prepared swap)")):
+        if variant not in only:
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--smollm2", "--smollm2-variant",
+                               variant, "--adapters", str(adapters), "--rounds",
+                               str(args.rounds)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["label"] = label
+        variants.append(res)
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    result = {"model": "SmolLM2-135M-Instruct", "cpu": f"{cpu}, {os.cpu_count()} cores",
+              "torch_threads": variants[0]["torch_threads"], "platform": platform.platform(),
+              "lora": LORA.shape(), "new_tokens": SMOL_NEW_TOKENS, "rounds": args.rounds,
+              "request_set": [{"guild": r.guild_id, "messages": r.messages}
+                              for r in map(smol_request, range(8))],
+              "same_text_as_first": {v["variant"]: {n: v["texts"][n] == variants[0]["texts"][n]
+                                                    for n in v["texts"]} for v in variants},
+              "variants": variants}
+    print(smol_table(result))
+    out = args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / \
+        "engine-smollm2.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "engine.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 layers, fewer repetitions")
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (Qwen2.5-0.5B: 24)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--smollm2", action="store_true",
+                    help="the real SmolLM2-135M: engine before vs after issue 12 (~6 min)")
+    ap.add_argument("--rounds", type=int, default=3, help="--smollm2: rounds per level")
+    ap.add_argument("--variants", default="before,after,bf16",
+                    help="--smollm2: which engines (comma-separated: before,after,bf16)")
+    ap.add_argument("--smollm2-variant", choices=("before", "after", "bf16"),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--adapters", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smollm2:
+        smol_main(args)
+        return
     result = asyncio.run(bench(args))
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)

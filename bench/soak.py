@@ -79,7 +79,7 @@ class SleepEngine(Engine):
     async def close(self) -> None:
         pass
 
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
+    async def generate(self, req: GenerationRequest, on_text: Any = None) -> GenerationResult:
         await asyncio.sleep(self.delay)
         v = self.versions.get(req.guild_id) if req.guild_id is not None else None
         return GenerationResult("sounds good to me", v, 10, 4, self.delay * 1000)

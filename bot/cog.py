@@ -12,11 +12,12 @@ class itself; every handler body is a call into ``bot.core``.
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 import io
 import logging
 import re
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -25,6 +26,7 @@ from discord.ext import commands
 from bot.checks import ADMIN_PERMISSIONS, NOT_ADMIN, admin_ok, admin_only
 from bot.context import Turn, merge_context, reply_reason
 from bot.core import Core, UserError
+from bot.replies import POLITE_FAILURE
 from bot.services import Services
 from bot.ui import (
     COG_NAME,
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 __all__ = ["COG_NAME", "NOT_ADMIN", "POLITE_FAILURE", "GuildTuneCog", "RateButton",
            "SuggestButton", "readable_mentions", "services_interval"]
 
-POLITE_FAILURE = ("Sorry, something went wrong on my side. The bot's operator can find the "
-                  "details in the log.")
 _MENTION = re.compile(r"<@([!&]?)(\d+)>")
 _CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 

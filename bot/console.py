@@ -11,15 +11,17 @@ import asyncio
 import hashlib
 import itertools
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, AsyncIterator, TextIO
+from typing import Any, TextIO
 
 from bot.context import Turn, merge_context
 from bot.core import Core, UserError, unstorable
 from bot.engine import Engine, GenerationRequest, GenerationResult
+from bot.engine.base import OnText
 from bot.services import Services
 from bot.watcher import AdapterWatcher
 from guildtune.data_statement import consent_statement
@@ -55,11 +57,16 @@ class EchoEngine(Engine):
     async def close(self) -> None:
         return None
 
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
+    async def generate(self, req: GenerationRequest, on_text: OnText | None = None
+                       ) -> GenerationResult:
         last = req.messages[-1]["content"] if req.messages else ""
         v = self._versions.get(req.guild_id) if req.guild_id is not None else None
-        return GenerationResult(f"(echo) {last}", v, len(last.split()), len(last.split()) + 1,
-                                0.1)
+        text = f"(echo) {last}"
+        if on_text is not None:  # word by word, as a model streams
+            for m in re.finditer(r"\S+", text):
+                on_text(text[:m.end()])
+                await asyncio.sleep(0)
+        return GenerationResult(text, v, len(last.split()), len(last.split()) + 1, 0.1)
 
     async def activate(self, guild_id: int, version: int, path: Any) -> None:
         self._versions[guild_id] = version
@@ -72,7 +79,17 @@ class EchoEngine(Engine):
 
 
 class ConsoleChannel:
-    """``ReplyChannel`` printing to the terminal; keeps the channel's history as turns."""
+    """``ReplyChannel`` printing to the terminal; keeps the channel's history as turns.
+
+    A streamed part is printed as it grows: ``guildtune: `` and its first text, then only
+    what each edit adds; the line ends when the part is complete (the next part, the last
+    part's final edit, or ``end_line`` before other output). An edit that is not an
+    extension of what was printed (a part cut at the limit, a corrected or withdrawn reply)
+    prints the part again in full on a new line. So the final text of every part is on the
+    last ``guildtune:`` line printed for it.
+    """
+
+    edit_interval_s = 0.0  # a terminal has no rate limit: show every token
 
     def __init__(self, out: TextIO, bot_id: int,
                  clock: Callable[[], float] = time.time) -> None:
@@ -81,6 +98,8 @@ class ConsoleChannel:
         self.clock = clock
         self.ids = itertools.count(int(time.time() * 1000) << 22)
         self.history: list[Turn] = []
+        self._open: int | None = None  # the part whose line is still being written
+        self._printed: dict[int, str] = {}  # what the terminal shows of each streamed part
 
     def new_id(self) -> int:
         return next(self.ids)
@@ -89,20 +108,57 @@ class ConsoleChannel:
         """When a console message is written, in the store's format (the console's clock)."""
         return format_utc(datetime.fromtimestamp(self.clock(), UTC))
 
+    def end_line(self) -> None:
+        """End a part's line left open by streaming (before any other output)."""
+        if self._open is not None:
+            self._open = None
+            self.out.write("\n")
+            self.out.flush()
+
     @asynccontextmanager
     async def typing(self) -> AsyncIterator[None]:
+        self.end_line()
         self.out.write("guildtune is typing…\n")
         self.out.flush()
         yield
 
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
-        mid = self.new_id()
-        self.out.write(f"guildtune: {text}\n")
-        self.out.flush()
+    def _print(self, mid: int, text: str, *, last: bool) -> None:
+        self.end_line()
+        self.out.write(f"guildtune: {text}")
+        self._printed[mid] = text
+        self._open = mid
+        self._close(mid, text, last)
+
+    def _close(self, mid: int, text: str, last: bool) -> None:
+        """After a write: a last part is complete (its line ends; it joins the history)."""
         if last:
+            self.end_line()
+            self._printed.pop(mid, None)
             self.history.append(Turn("assistant", self.bot_id, mid, text,
                                      created_utc=self.now_utc()))
+        self.out.flush()
+
+    async def send(self, text: str, *, first: bool, last: bool) -> int:
+        mid = self.new_id()
+        self._print(mid, text, last=last)
         return mid
+
+    async def edit(self, message_id: int, text: str, *, last: bool = False) -> None:
+        shown = self._printed.get(message_id)
+        if message_id == self._open and shown is not None and text.startswith(shown):
+            self.out.write(text[len(shown):])  # only what is new
+            self._printed[message_id] = text
+            self._close(message_id, text, last)
+        elif shown != text:
+            self._print(message_id, text, last=last)  # in full, on a line of its own
+        else:
+            self._close(message_id, text, last)
+
+    async def delete(self, message_id: int) -> None:
+        self._printed.pop(message_id, None)
+        self.end_line()
+        self.out.write("  [a streamed part above was withdrawn]\n")
+        self.out.flush()
 
 
 class Console:
@@ -122,6 +178,7 @@ class Console:
         self.last_reply: int | None = None
 
     def say(self, text: str) -> None:
+        self.channel.end_line()
         self.out.write(text + "\n")
         self.out.flush()
 

@@ -26,7 +26,12 @@ from typing import Any, TypeVar
 
 from bot.context import CHARS_PER_TOKEN, Turn, chat_messages, kept_turns
 from bot.engine import GenerationRequest, GenerationResult
-from bot.replies import RateLimiter, ReplyChannel, split_reply
+from bot.replies import (
+    RateLimiter,
+    ReplyChannel,
+    ReplyStream,
+    split_reply,
+)
 from bot.services import Services
 from bot.status import StatusReport, like_rate_chart
 from guildtune.policy import (
@@ -193,16 +198,36 @@ class Core:
         max_chars = serving_budget(m.max_context_tokens, m.max_new_tokens) * CHARS_PER_TOKEN
         persona = await self.persona(guild_id)
         msgs = chat_messages(persona, turns, max_chars)
-        async with channel.typing():
-            # DMs use the base model: no guild, so no guild's adapter and nothing logged.
-            result = await self.s.engine.generate(GenerationRequest(guild_id, msgs))
+        # DMs use the base model: no guild, so no guild's adapter and nothing logged.
+        req = GenerationRequest(guild_id, msgs)
+        stream = self._stream(channel)
+        if stream is None:
+            async with channel.typing():
+                result = await self.s.engine.generate(req)
+        else:
+            try:
+                async with stream.typing():  # until the first part is shown
+                    result = await self.s.engine.generate(req, on_text=stream.update)
+            except Exception:
+                try:
+                    await stream.abort()  # no half reply left standing without a word
+                except Exception:  # the channel broke too: the engine's error is the story
+                    log.warning("could not withdraw a half-streamed reply", exc_info=True)
+                raise
+            except BaseException:
+                stream.cancel()
+                raise
         # NUL bytes are never legitimate chat text (Discord rejects them, SQLite tools choke).
         reply_text = result.text.replace("\x00", "")
         parts = split_reply(reply_text) or ["…"]
         out = ChatOutcome(result=result)
-        for i, part in enumerate(parts):
-            out.reply_ids.append(await channel.send(part, first=i == 0,
-                                                    last=i == len(parts) - 1))
+        if stream is None:
+            for i, part in enumerate(parts):
+                out.reply_ids.append(await channel.send(part, first=i == 0,
+                                                        last=i == len(parts) - 1))
+        else:
+            # The streamed messages become exactly ``parts``; the controls come last.
+            out.reply_ids = await stream.finish(parts)
         if guild_id is not None:
             # What the model was shown, not the wider window the front end collected.
             context = [t.stored() for t in kept_turns(turns, msgs)]
@@ -224,6 +249,17 @@ class Core:
                 return out
             out.logged, out.interaction_id = res.stored, res.interaction_id
         return out
+
+    def _stream(self, channel: ReplyChannel) -> ReplyStream | None:
+        """The stream that shows this reply as it is generated, or None: streaming is off
+        (``discord.stream_replies``) or the channel cannot edit."""
+        d = self.s.config.discord
+        if not d.stream_replies or not callable(getattr(channel, "edit", None)):
+            return None
+        interval = getattr(channel, "edit_interval_s", None)
+        if interval is None:
+            interval = d.stream_edit_interval_s
+        return ReplyStream(channel, clock=self.s.clock, edit_interval_s=float(interval))
 
     async def observe_message(self, guild_id: int, message_id: int, user_id: int, text: str, *,
                               channel_id: int, reply_to: int | None,

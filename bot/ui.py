@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import discord
 from discord.ext import commands
 
 from bot.core import Core, UserError
+from bot.replies import EditFailed
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +200,21 @@ class ForgetView(discord.ui.View):
 
 
 class DiscordReply:
-    """``ReplyChannel`` over a Discord message: reply to it, controls under the last part."""
+    """``ReplyChannel`` over a Discord message: reply to it, controls under the last part.
+
+    Streaming (``bot.replies.ReplyStream``) edits the parts it sent: the messages are kept by
+    id; a refused edit or delete raises ``EditFailed`` (the stream logs it and goes on). The
+    controls (the view, and 👍/👎 with ``feedback = "reactions"``) go on a part when it is sent
+    as the last one, or when the finished reply's last part is edited with ``last``.
+    """
 
     def __init__(self, message: discord.Message, feedback: str) -> None:
         self.message = message
         self.feedback = feedback
         self.guild = message.guild is not None
+        self._sent: dict[int, discord.Message] = {}
+        self._text: dict[int, str] = {}
+        self._controls: set[int] = set()
 
     @asynccontextmanager
     async def typing(self) -> AsyncIterator[None]:
@@ -231,12 +242,43 @@ class DiscordReply:
                 sent = None
         if sent is None:
             sent = await self.message.channel.send(text, **kw)
-        if controls and self.feedback == "reactions":
-            for emoji in THUMBS:
-                try:
-                    await sent.add_reaction(emoji)
-                except discord.HTTPException:  # missing Add Reactions permission
-                    log.warning("cannot add reactions in channel %s", sent.channel.id)
-                    break
+        self._sent[sent.id] = sent
+        self._text[sent.id] = text
+        if controls:
+            self._controls.add(sent.id)
+            await self._react(sent)
         return sent.id
 
+    async def edit(self, message_id: int, text: str, *, last: bool = False) -> None:
+        sent = self._sent[message_id]
+        controls = last and self.guild and message_id not in self._controls
+        kw: dict[str, Any] = {"allowed_mentions": NO_MENTIONS}
+        if controls:
+            kw["view"] = feedback_view(self.feedback)
+        if text != self._text[message_id] or controls:
+            try:
+                await sent.edit(content=text, **kw)
+            except discord.HTTPException as exc:  # rate limited, deleted by a moderator...
+                raise EditFailed(f"{type(exc).__name__}: {exc}") from exc
+            self._text[message_id] = text
+        if controls:  # only once the reply is complete: nobody rates half a reply
+            self._controls.add(message_id)
+            await self._react(sent)
+
+    async def delete(self, message_id: int) -> None:
+        sent = self._sent.pop(message_id)
+        self._text.pop(message_id, None)
+        try:
+            await sent.delete()
+        except discord.HTTPException as exc:
+            raise EditFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _react(self, sent: discord.Message) -> None:
+        if self.feedback != "reactions":
+            return
+        for emoji in THUMBS:
+            try:
+                await sent.add_reaction(emoji)
+            except discord.HTTPException:  # missing Add Reactions permission
+                log.warning("cannot add reactions in channel %s", sent.channel.id)
+                break

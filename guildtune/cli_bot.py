@@ -1,4 +1,4 @@
-"""The bot's subcommands of ``guildtune``: run, console, sync.
+"""The bot's subcommands of ``guildtune``: run, console, sync, vllm.
 
 ``add_commands(sub)`` registers them on the main parser's subparsers; each handler is
 ``handler(args, cfg) -> int`` (set as ``func``) and the main CLI dispatches.
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``run``, ``console`` and ``sync``."""
+    """Register ``run``, ``console``, ``sync`` and ``vllm``."""
     p = sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN)")
     p.add_argument("--no-worker", action="store_true",
                    help="do not start a training worker process (run `guildtune worker` "
@@ -38,6 +38,16 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--guild", type=discord_id, default=None, metavar="ID",
                    help="sync to one guild (instant) instead of globally (up to an hour)")
     p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("vllm", help="start a vLLM server configured from config.toml (for "
+                                    "model.backend = \"vllm\")")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="the Python that has vLLM installed (default: $GUILDTUNE_VLLM_PYTHON, "
+                        "else this one)")
+    p.add_argument("--port", type=int, default=None, help="override model.vllm_url's port")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the command line instead of starting the server")
+    p.set_defaults(func=cmd_vllm)
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
@@ -83,3 +93,23 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
     where = f"guild {args.guild}" if args.guild else "globally (visible within an hour)"
     print(f"synced {len(names)} commands {where}: {', '.join(sorted(names))}")
     return 0
+
+
+def cmd_vllm(args: argparse.Namespace, cfg: Config) -> int:
+    """guildtune vllm [--python PATH] [--port N] [--print]"""
+    import os
+
+    from guildtune.vllm_server import VllmSetupError, find_python, server_command
+
+    try:
+        cmd = server_command(cfg, python=find_python(args.python), port=args.port)
+    except VllmSetupError as exc:
+        print(f"guildtune: {exc}", file=sys.stderr)
+        return 2
+    if args.print_only:
+        print(cmd.shell())
+        return 0
+    print(f"starting: {cmd.shell()}", file=sys.stderr, flush=True)
+    # The server replaces this process: nothing is left behind when it stops.
+    os.execve(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
+    return 0  # pragma: no cover - execve does not return

@@ -82,6 +82,8 @@ class DiscordConfig:
     admin_log_channel: int = 0
     retrain_cooldown_minutes: int = 30
     feedback_per_minute: int = 20
+    stream_replies: bool = True
+    stream_edit_interval_s: float = 1.0
     # Read from the environment at load time, never from the file; hidden from repr.
     token: str = field(default="", repr=False)
 
@@ -92,6 +94,7 @@ class DiscordConfig:
         _non_negative("discord.admin_log_channel", self.admin_log_channel)
         _non_negative("discord.retrain_cooldown_minutes", self.retrain_cooldown_minutes)
         _positive("discord.feedback_per_minute", self.feedback_per_minute)
+        _non_negative("discord.stream_edit_interval_s", self.stream_edit_interval_s)
 
 
 @dataclass(frozen=True)

@@ -233,29 +233,70 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
         model.to(device=dev, dtype=dt)
         return LoadedModel(model, tok, name, TINY_BASE_ID, dev, dt)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if name == SMOLLM2:
-        path: Path | str = smollm2_checkpoint(Path(cache_dir or tempfile.gettempdir()) / "models")
-        base_id = f"{SMOLLM2}@{_checkpoint_id(Path(path))}"
-    elif Path(name).expanduser().is_dir():
-        path = Path(name).expanduser()
-        base_id = f"{path.name}@{_checkpoint_id(path)}"
-    else:
-        path, base_id = name, name
+    path, base_id = resolve_checkpoint(name, cache_dir)
+    tok = load_tokenizer(name, cache_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {name!r}: {first}. Set model.name to a Hugging "
-                         "Face id you can reach, a local checkpoint directory, "
-                         f"'{SMOLLM2}' or '{TINY}'") from None
+        raise _load_error(name, exc) from None
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tok, name, base_id, dev, dt)
+
+
+def _load_error(name: str, exc: OSError) -> ModelError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"cannot load model {name!r}: {first}. Set model.name to a Hugging Face id "
+                      f"you can reach, a local checkpoint directory, '{SMOLLM2}' or '{TINY}'")
+
+
+def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path | str, str]:
+    """Where the configured model's checkpoint is, and its base id (what adapters record).
+
+    ``smollm2-135m`` is converted once into ``cache_dir/models``; ``tiny`` is written there as
+    a normal checkpoint (for a server such as vLLM that reads one; ``load_model`` builds it in
+    memory); a hub id stays an id (the loader downloads it).
+    """
+    models_dir = Path(cache_dir or tempfile.gettempdir()) / "models"
+    if name == TINY:
+        ckpt = models_dir / TINY_BASE_ID
+        if not (ckpt / "config.json").is_file():
+            model, tok = build_tiny_model()
+            models_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
+                staging = Path(tmp) / "ckpt"
+                model.save_pretrained(staging)
+                tok.save_pretrained(staging)
+                if ckpt.exists():
+                    shutil.rmtree(ckpt)
+                os.replace(staging, ckpt)
+        return ckpt, TINY_BASE_ID
+    if name == SMOLLM2:
+        path = smollm2_checkpoint(models_dir)
+        return path, f"{SMOLLM2}@{_checkpoint_id(path)}"
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local, f"{local.name}@{_checkpoint_id(local)}"
+    return name, name
+
+
+def load_tokenizer(name: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The configured model's tokenizer, with a pad token and a chat template (ours when the
+    checkpoint has none): what the local engine and the vLLM client render prompts with."""
+    if name == TINY:
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    path, _ = resolve_checkpoint(name, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise _load_error(name, exc) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
-    model.to(dev)
-    model.eval()
-    return LoadedModel(model, tok, name, base_id, dev, dt)
+    return tok
 

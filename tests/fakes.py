@@ -3,8 +3,9 @@
 - ``make_config`` / ``write_config``: the one config factory (a ``Config``, or the same as a
   TOML file for the CLI and subprocess tests); presets and keyword sections override key by key.
 - ``make_services`` / ``make_cog``: the bot's service container and Cog on those configs.
-- ``FakeEngine`` (queued replies), ``FakeScheduler``, ``RecordingChannel`` (the one
-  ``ReplyChannel``), fake interactions for slash-command callbacks.
+- ``FakeEngine`` (queued replies, streamed word by word), ``FakeScheduler``,
+  ``RecordingChannel`` (the one ``ReplyChannel``; records sends, edits, deletes), ``FakeClock``
+  and ``settle`` for deterministic streaming, fake interactions for slash-command callbacks.
 - dpytest plumbing (``cog_on_dpytest``, ``deliver``, ``inject``, ``sent``); the ``env`` fixture
   built on it lives in conftest.py.
 - seeded communities for the trainer tests (``import_pairs``, ``import_style``).
@@ -12,18 +13,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import random
+import re
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bot.engine import AdapterError, Engine, GenerationRequest, GenerationResult
+from bot.engine import AdapterError, Engine, GenerationRequest, GenerationResult, OnText
 from bot.handlers import DISCORD_LIMIT
+from bot.replies import EditFailed
 from bot.services import Services
 from guildtune.config import Config, parse_config
 from storage import Store
@@ -91,8 +95,19 @@ def run_cli(cfg_file: Path, *args: str) -> int:
     return main(["--config", str(cfg_file), *args])
 
 
+def word_prefixes(text: str) -> list[str]:
+    """The texts a streaming engine shows of ``text``: up to each word's end, in order."""
+    return [text[:m.end()] for m in re.finditer(r"\S+", text)]
+
+
 class FakeEngine(Engine):
-    """Returns queued replies (else ``default``); records requests; fails listed versions."""
+    """Returns queued replies (else ``default``); records requests; fails listed versions.
+
+    Streams: with ``on_text`` it passes the reply word by word (``word_prefixes``) and awaits
+    ``pause(text_so_far)`` after each, when set: a test's hook to advance a fake clock, let the
+    stream run (``settle``), gate or raise (an engine error mid-stream). Without a pause
+    nothing interleaves: the stream shows the whole text at once.
+    """
 
     def __init__(self, default: str = "hello there") -> None:
         self.default = default
@@ -101,6 +116,8 @@ class FakeEngine(Engine):
         self.versions: dict[int, int] = {}
         self.broken: set[int] = set()
         self.started = self.closed = False
+        self.pause: Callable[[str], Awaitable[None]] | None = None
+        self.streamed: list[str] = []  # every text passed to on_text
 
     async def start(self) -> None:
         self.started = True
@@ -108,10 +125,21 @@ class FakeEngine(Engine):
     async def close(self) -> None:
         self.closed = True
 
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
+    def partials(self, text: str) -> list[str]:
+        """What is streamed of ``text`` (a subclass may stream something else)."""
+        return word_prefixes(text)
+
+    async def generate(self, req: GenerationRequest, on_text: OnText | None = None
+                       ) -> GenerationResult:
         self.requests.append(req)
         text = self.replies.popleft() if self.replies else self.default
         v = self.versions.get(req.guild_id) if req.guild_id is not None else None
+        if on_text is not None:
+            for partial in self.partials(text):
+                self.streamed.append(partial)
+                on_text(partial)
+                if self.pause is not None:
+                    await self.pause(partial)
         return GenerationResult(text, v, 10, len(text.split()), 5.0)
 
     async def activate(self, guild_id: int, version: int, path: Any) -> None:
@@ -165,24 +193,98 @@ async def make_cog(tmp_path: Path, *presets: Sections, **sections: Mapping[str, 
     return bot, cog, services
 
 
+async def settle() -> None:
+    """Let every task that is ready run to its next wait (no time passes: fake channels never
+    wait on I/O, so a stream's round finishes within a few loop turns)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` reads it, ``advance(s)`` moves it."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 class RecordingChannel:
-    """The ``ReplyChannel`` of the tests: keeps each part sent, checks Discord's rules for a
-    message (a non-blank str within the 2,000-character limit, no NUL), answers fresh ids."""
+    """The ``ReplyChannel`` of the tests: keeps each message, checks Discord's rules for a
+    message (a non-blank str within the 2,000-character limit, no NUL), answers fresh ids.
+
+    ``parts``: the text of each message still there, in order (after streaming: the reply as
+    the member finally sees it). ``calls``: every send/edit/delete in order, as
+    ``(op, message_id, text, first, last, clock())``. Set ``gate`` (an ``asyncio.Event``) to
+    hold every edit until it is set; ``fail_edits`` (a count) makes that many edits raise
+    ``EditFailed``; ``in_flight_max`` is the most edits ever awaiting at once.
+    """
 
     _ids = itertools.count(10**15)  # shared: ids never repeat across channels
 
-    def __init__(self) -> None:
-        self.parts: list[str] = []
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock or (lambda: 0.0)
+        self.messages: dict[int, str] = {}  # id -> text, in the order sent
+        self.controls: list[int] = []  # messages that got the feedback controls
+        self.calls: list[tuple[str, int, str, bool, bool, float]] = []
+        self.typing_calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.fail_edits = 0
+        self.in_flight = self.in_flight_max = 0
+
+    @property
+    def parts(self) -> list[str]:
+        return list(self.messages.values())
 
     @asynccontextmanager
     async def typing(self) -> AsyncIterator[None]:
-        yield
+        self.typing_calls.append("start")
+        try:
+            yield
+        finally:
+            self.typing_calls.append(f"stop after {len(self.calls)} calls")
 
-    async def send(self, text: str, *, first: bool, last: bool) -> int:
+    @staticmethod
+    def _check(text: str) -> None:
         assert isinstance(text, str) and 0 < len(text) <= DISCORD_LIMIT and text.strip()
         assert "\x00" not in text
-        self.parts.append(text)
-        return next(self._ids)
+
+    async def send(self, text: str, *, first: bool, last: bool) -> int:
+        self._check(text)
+        mid = next(self._ids)
+        self.messages[mid] = text
+        self.calls.append(("send", mid, text, first, last, self.clock()))
+        if last:
+            self.controls.append(mid)
+        return mid
+
+    async def edit(self, message_id: int, text: str, *, last: bool = False) -> None:
+        self._check(text)
+        assert message_id in self.messages, "edit of a message that is not there"
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail_edits > 0:
+                self.fail_edits -= 1
+                self.calls.append(("edit-failed", message_id, text, False, last, self.clock()))
+                raise EditFailed("429 Too Many Requests")
+        finally:
+            self.in_flight -= 1
+        self.messages[message_id] = text
+        self.calls.append(("edit", message_id, text, False, last, self.clock()))
+        if last:
+            self.controls.append(message_id)
+
+    async def delete(self, message_id: int) -> None:
+        assert message_id in self.messages, "delete of a message that is not there"
+        del self.messages[message_id]
+        self.calls.append(("delete", message_id, "", False, False, self.clock()))
 
 
 class Perms:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import random
 import threading
@@ -334,3 +336,137 @@ async def test_activating_the_serving_version_again_is_a_no_op(make_engine, fact
     assert not [r for r in caplog.records if "hot-swapped" in r.getMessage()
                 or "loaded adapter" in r.getMessage()]
     assert eng.active_versions() == {7: 1} and await text_of(eng, 7) == before
+
+
+# -- streaming ----------------------------------------------------------------------------------
+
+async def test_streaming_rows_see_their_text_grow_and_results_are_unchanged(
+        make_engine, factory: AdapterFactory) -> None:
+    eng = await make_engine(max_new_tokens=16)
+    eng.stream_interval_s = 0.0  # every step: the most streaming this engine can do
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(2, 1, factory.make(2, 1))
+    cases = [(1, "hello there, how are you"), (2, "what is new"), (None, "yo"),
+             (1, "a much longer message to force some left padding in the batch"), (2, "hi")]
+    plain = await asyncio.gather(*(eng.generate(req(g, t)) for g, t in cases))
+    seen: dict[int, list[str]] = {0: [], 1: [], 2: [], 3: []}
+    threads: set[int] = set()
+
+    def cb(i: int):
+        def on_text(text: str) -> None:
+            threads.add(threading.get_ident())
+            seen[i].append(text)
+        return on_text
+
+    before = eng.batches_run
+    streamed = await asyncio.gather(*(  # rows 0-3 stream (row 2 is the base model), row 4 not
+        eng.generate(req(g, t), on_text=cb(i) if i in seen else None)
+        for i, (g, t) in enumerate(cases)))
+    assert eng.batches_run == before + 1
+    assert [dataclasses.replace(r, latency_ms=0.0) for r in streamed] == \
+        [dataclasses.replace(r, latency_ms=0.0) for r in plain]
+    assert threads == {threading.get_ident()}, "on_text must run on the event loop's thread"
+    for i in (0, 1, 3):  # adapter rows generate real text: it arrives in growing pieces
+        texts = seen[i]
+        assert texts, f"row {i} streamed nothing"
+        assert all(t and streamed[i].text.startswith(t) for t in texts), (texts, streamed[i].text)
+        assert all(a != b for a, b in itertools.pairwise(texts)), "only changed text is passed"
+        assert len(texts) >= 2 or streamed[i].tokens_out <= 2, texts
+
+
+async def test_failing_on_text_is_logged_and_generation_goes_on(make_engine, factory,
+                                                                caplog) -> None:
+    import logging
+
+    eng = await make_engine(max_new_tokens=12)
+    eng.stream_interval_s = 0.0
+    await eng.activate(1, 1, factory.make(1, 1))
+    expected = await eng.generate(req(1))
+    calls = []
+
+    def boom(text: str) -> None:
+        calls.append(text)
+        raise RuntimeError("consumer bug")
+
+    caplog.set_level(logging.ERROR, logger="bot.engine")
+    res = await eng.generate(req(1), on_text=boom)
+    await asyncio.sleep(0)  # let the last scheduled callbacks run
+    assert calls and res.text == expected.text and res.tokens_out == expected.tokens_out
+    assert any("on_text callback failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_streaming_is_throttled_per_row(make_engine, factory: AdapterFactory) -> None:
+    eng = await make_engine(max_new_tokens=16)
+    eng.stream_interval_s = 3600.0  # one decode per row, at its first token
+    await eng.activate(1, 1, factory.make(1, 1))
+    texts: list[str] = []
+    res = await eng.generate(req(1), on_text=texts.append)
+    await asyncio.sleep(0)
+    assert res.tokens_out > 2 and len(texts) <= 1
+
+
+# -- hot swap from weights prepared off the model thread ---------------------------------------
+
+async def test_hot_swap_uses_prepared_weights_and_equals_a_fresh_load(
+        make_engine, factory: AdapterFactory, monkeypatch) -> None:
+    from bot.engine.local import PeftAdapters
+
+    def no_files(*a: object, **k: object) -> None:
+        raise AssertionError("the model thread read the adapter files")
+
+    v1, v2 = factory.make(8, 1), factory.make(8, 2)
+    eng = await make_engine()
+    await eng.activate(8, 1, v1)
+    out1 = await text_of(eng, 8)
+    monkeypatch.setattr(PeftAdapters, "hotswap", no_files)
+    await eng.activate(8, 2, v2)
+    res2 = await eng.generate(req(8))
+    assert res2.adapter_version == 2 and res2.text != out1
+    fresh = await make_engine()
+    await fresh.activate(8, 2, v2)
+    assert await text_of(fresh, 8) == res2.text
+    await eng.activate(8, 1, v1)
+    assert await text_of(eng, 8) == out1
+
+
+@pytest.mark.parametrize("spoil", ["missing key", "wrong shape", "extra key"])
+async def test_prepared_weights_that_do_not_fit_fall_back_to_peft_hotswap(
+        make_engine, factory: AdapterFactory, monkeypatch, spoil: str) -> None:
+    from bot.engine.local import PeftAdapters
+
+    real_prepare = PeftAdapters.prepare
+
+    def spoiled(self: PeftAdapters, path: Path):
+        prepared = real_prepare(self, path)
+        key = sorted(prepared.weights)[3]
+        if spoil == "missing key":
+            del prepared.weights[key]
+        elif spoil == "wrong shape":
+            prepared.weights[key] = prepared.weights[key][:1]
+        else:
+            prepared.weights[("base_model.model.nowhere", "lora_A")] = prepared.weights[key]
+        return prepared
+
+    v1, v2 = factory.make(9, 1), factory.make(9, 2)
+    fresh = await make_engine()
+    await fresh.activate(9, 2, v2)
+    expected = await text_of(fresh, 9)
+    eng = await make_engine()
+    await eng.activate(9, 1, v1)
+    monkeypatch.setattr(PeftAdapters, "prepare", spoiled)
+    hotswaps = []
+    real_hotswap = PeftAdapters.hotswap
+    monkeypatch.setattr(PeftAdapters, "hotswap",
+                        lambda self, n, p: (hotswaps.append(n), real_hotswap(self, n, p)))
+    await eng.activate(9, 2, v2)
+    assert hotswaps == ["g9"]
+    res = await eng.generate(req(9))
+    assert (res.text, res.adapter_version) == (expected, 2)
+
+
+async def test_swap_time_on_the_model_thread_is_reported(make_engine, factory) -> None:
+    eng = await make_engine()
+    await eng.activate(10, 1, factory.make(10, 1))
+    eng.last_control_ms = -1.0
+    await eng.activate(10, 2, factory.make(10, 2))
+    assert eng.last_control_ms >= 0.0

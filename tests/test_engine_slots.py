@@ -7,6 +7,7 @@ tiny model); here each rule is one small test that fails on its own when the pol
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,26 @@ def vdir(guild: int, version: int) -> Path:
     return Path(f"/adapters/{guild}/{version}")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Stands for a version's weights read off the model thread."""
+
+    path: Path
+
+
 class FakeModel:
     """The model side: which adapter (by directory) each name holds, and a log of calls.
 
     ``broken`` directories fail to load; a hot swap to one fails half way, leaving the slot
-    holding neither version (as peft's hotswap_adapter may)."""
+    holding neither version (as peft's hotswap_adapter may). Prepared weights are
+    ``Prepared(dir)``: they fit unless their dir is in ``misfit``; a prepared swap of a broken
+    dir fails half way too."""
 
     def __init__(self) -> None:
         self.loaded: dict[str, Path | None] = {}
         self.calls: list[tuple[str, str]] = []
         self.broken: set[Path] = set()
+        self.misfit: set[Path] = set()
 
     def load(self, name: str, path: Path) -> None:
         assert name not in self.loaded, f"{name} loaded twice"
@@ -45,6 +56,17 @@ class FakeModel:
             self.loaded[name] = None  # half swapped
             raise RuntimeError("size mismatch in layer 3")
         self.loaded[name] = path
+
+    def swap_prepared(self, name: str, prepared: Prepared) -> bool:
+        assert name in self.loaded, f"prepared swap into {name}, which is not loaded"
+        self.calls.append(("swap_prepared", f"{name}@{prepared.path}"))
+        if prepared.path in self.misfit:
+            return False  # nothing changed
+        if prepared.path in self.broken:
+            self.loaded[name] = None
+            raise RuntimeError("copy failed half way")
+        self.loaded[name] = prepared.path
+        return True
 
     def delete(self, name: str) -> None:
         self.calls.append(("delete", name))
@@ -63,8 +85,9 @@ def make(model: FakeModel, capacity: int = 2) -> AdapterSlots:
     return AdapterSlots(model, capacity)
 
 
-def activate(slots: AdapterSlots, guild: int, version: int) -> None:
-    slots.activate(guild, version, vdir(guild, version))
+def activate(slots: AdapterSlots, guild: int, version: int, prepared: bool = False) -> None:
+    path = vdir(guild, version)
+    slots.activate(guild, version, path, Prepared(path) if prepared else None)
 
 
 def assert_consistent(slots: AdapterSlots, model: FakeModel) -> None:
@@ -216,4 +239,51 @@ def test_deactivate_unloads_and_forgets_the_guild(model: FakeModel) -> None:
     slots.deactivate(1)
     assert slots.versions() == {2: 1} and slots.resident() == [2]
     assert slots.serving(1) == (BASE_ADAPTER, None)
+    assert_consistent(slots, model)
+
+
+# -- hot swap from weights prepared off the model thread ----------------------------------------
+
+def test_prepared_weights_swap_a_resident_slot_without_reading_files(model: FakeModel) -> None:
+    slots = make(model)
+    activate(slots, 7, 1, prepared=True)  # not resident: a load (the prepared weights unused)
+    activate(slots, 7, 2, prepared=True)
+    assert model.calls == [("load", f"g7@{vdir(7, 1)}"), ("swap_prepared", f"g7@{vdir(7, 2)}")]
+    assert model.serves(7) == vdir(7, 2)
+    assert slots.serving(7) == ("g7", 2) and slots.versions() == {7: 2}
+    assert_consistent(slots, model)
+
+
+def test_prepared_weights_that_do_not_fit_fall_back_to_the_files(model: FakeModel) -> None:
+    slots = make(model)
+    activate(slots, 7, 1)
+    model.misfit.add(vdir(7, 2))
+    activate(slots, 7, 2, prepared=True)
+    assert model.calls[-2:] == [("swap_prepared", f"g7@{vdir(7, 2)}"),
+                                ("hotswap", f"g7@{vdir(7, 2)}")]
+    assert slots.serving(7) == ("g7", 2) and model.serves(7) == vdir(7, 2)
+    assert_consistent(slots, model)
+
+
+def test_misfit_prepared_weights_of_a_broken_version_keep_the_old_one(model: FakeModel) -> None:
+    slots = make(model)
+    activate(slots, 7, 1)
+    model.misfit.add(vdir(7, 2))
+    model.broken.add(vdir(7, 2))
+    with pytest.raises(AdapterError, match="hot swap failed"):
+        activate(slots, 7, 2, prepared=True)
+    assert model.calls[-2:] == [("delete", "g7"), ("load", f"g7@{vdir(7, 1)}")]
+    assert slots.serving(7) == ("g7", 1) and slots.versions() == {7: 1}
+    assert_consistent(slots, model)
+
+
+def test_a_prepared_swap_failing_half_way_rebuilds_the_slot(model: FakeModel) -> None:
+    slots = make(model)
+    activate(slots, 7, 1)
+    model.broken.add(vdir(7, 2))
+    with pytest.raises(AdapterError, match=r"guild 7 v2 .*hot swap failed \(RuntimeError"):
+        activate(slots, 7, 2, prepared=True)
+    assert ("hotswap", f"g7@{vdir(7, 2)}") not in model.calls  # no second try from the files
+    assert model.calls[-2:] == [("delete", "g7"), ("load", f"g7@{vdir(7, 1)}")]
+    assert slots.serving(7) == ("g7", 1) and slots.versions() == {7: 1}
     assert_consistent(slots, model)

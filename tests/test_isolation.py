@@ -45,9 +45,9 @@ events = st.lists(st.one_of(
 class TaggingEngine(FakeEngine):
     """Replies carry the tag of the guild the request was made for."""
 
-    async def generate(self, req: Any) -> Any:
+    async def generate(self, req: Any, on_text: Any = None) -> Any:
         self.default = f"{TAGS.get(req.guild_id, 'DM:')} reply"
-        return await super().generate(req)
+        return await super().generate(req, on_text)
 
 
 def _foreign(text: str, g: int) -> list[str]:

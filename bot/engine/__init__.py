@@ -24,6 +24,7 @@ from bot.engine.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    OnText,
     adapter_name,
 )
 from bot.engine.factory import create_engine
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from bot.engine.vllm import VllmEngine
 
 __all__ = ["BASE_ADAPTER", "FALLBACK_TEXT", "AdapterError", "Engine", "EngineError",
-           "GenerationRequest", "GenerationResult", "LocalEngine", "VllmEngine", "adapter_name",
+           "GenerationRequest", "GenerationResult", "LocalEngine", "OnText", "VllmEngine",
+           "adapter_name",
            "create_engine", "validate_adapter_dir"]
 
 

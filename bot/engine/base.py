@@ -9,13 +9,14 @@ re-exported here because every engine raises it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from guildtune.adapter_dir import AdapterError
 
 __all__ = ["BASE_ADAPTER", "FALLBACK_TEXT", "AdapterError", "Engine", "EngineError",
-           "GenerationRequest", "GenerationResult", "adapter_name"]
+           "GenerationRequest", "GenerationResult", "OnText", "adapter_name"]
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 FALLBACK_TEXT = "(no reply)"
@@ -43,6 +44,12 @@ class GenerationResult:
     latency_ms: float
 
 
+# Streaming: called on the event loop with the whole reply text so far (not a delta), each time
+# it grew; never with the final text (that is ``GenerationResult.text``, which may differ: it is
+# stripped and never empty). Must not block; exceptions it raises are logged and ignored.
+OnText = Callable[[str], None]
+
+
 class EngineError(RuntimeError):
     """Generation failed or the engine is not running; the message is one line."""
 
@@ -64,8 +71,13 @@ class Engine(abc.ABC):
         """Stop serving; pending requests fail with EngineError; nothing is left running."""
 
     @abc.abstractmethod
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """Generate one reply with the guild's active adapter (base model when none)."""
+    async def generate(self, req: GenerationRequest, on_text: OnText | None = None
+                       ) -> GenerationResult:
+        """Generate one reply with the guild's active adapter (base model when none).
+
+        With ``on_text``, the text generated so far is passed to it as it grows (streaming);
+        the result is the same as without it.
+        """
 
     @abc.abstractmethod
     async def activate(self, guild_id: int, version: int, path: str | Path) -> None:

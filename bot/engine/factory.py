@@ -1,7 +1,7 @@
 """``create_engine``: the configured engine backend.
 
-Both backends are imported only when chosen: the vLLM client does not load torch, the local engine
-does not need aiohttp.
+Both backends are imported only when chosen: the vLLM client loads only the tokenizer, the local
+engine does not need aiohttp.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     """
     if model_cfg.backend == "vllm":
         from bot.engine.vllm import VllmEngine
+        from guildtune.models import load_tokenizer, resolve_checkpoint
 
-        return VllmEngine(model_cfg, lora_cfg)
+        # The bot renders prompts itself (the trainer's ids, the budget); only the tokenizer
+        # is loaded here, and the base id adapters are checked against.
+        _, base_id = resolve_checkpoint(model_cfg.name, cache_dir)
+        return VllmEngine(model_cfg, lora_cfg, load_tokenizer(model_cfg.name, cache_dir),
+                          base_id=base_id)
     from bot.engine.local import LocalEngine
     from guildtune.models import load_model
 

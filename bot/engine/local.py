@@ -11,6 +11,15 @@ guild without one). Rows whose generation settings differ are split into groups 
 settings, run one after another in the same cycle; a request with a ``seed`` always runs alone so
 that the seed reproduces its output. In fp32 a row's greedy output equals running it alone.
 
+Streaming: ``generate(req, on_text)`` passes a ``_RowStreamer`` to ``generate`` for a group with
+streaming rows; it decodes only those rows (at most every ``stream_interval_s``) and hands the
+text to each row's callback on its event loop. Results are the same with and without it.
+
+Hot swap: ``activate`` reads the new version's weights in the thread that validates it
+(``PeftAdapters.prepare``); the model thread then only copies them into the resident adapter
+(``swap_prepared``), falling back to peft's ``hotswap_adapter`` from the files when they do not
+fit.
+
 torch and peft are imported lazily: importing this module stays cheap.
 
 Over 400 lines on purpose: the model-owning thread, its batching and generation share the
@@ -20,8 +29,11 @@ thread's state; the adapter decisions already live in ``AdapterSlots``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import queue
+import re
 import threading
 import time
 import warnings
@@ -36,9 +48,10 @@ from bot.engine.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    OnText,
 )
 from bot.engine.slots import AdapterSlots
-from guildtune.adapter_dir import validate_adapter_dir
+from guildtune.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, validate_adapter_dir
 from guildtune.prompting import (
     prompt_ids_within,
     render_ids,
@@ -63,19 +76,26 @@ class PeftAdapters:
     def __init__(self, loaded: LoadedModel) -> None:
         self._loaded = loaded
         self.model: Any = None  # PeftModel, created at the first adapter load
+        # peft upcasts bf16/fp16 adapters to fp32 by default (exact, slower); False keeps them
+        # in the model's dtype.
+        self.autocast = True
+        self._layers: dict[str, list[tuple[str, Any]]] = {}  # name -> its LoRA layers
 
     def load(self, name: str, path: Path) -> None:
         """Load the adapter at ``path`` as ``name``; a failed load leaves no ``name`` behind."""
         from peft import PeftModel
 
+        self._layers.pop(name, None)
         try:
             if self.model is None:
                 # First adapter: wrap the base model once; later adapters are added to it.
-                self.model = PeftModel.from_pretrained(self._loaded.model, str(path),
-                                                       adapter_name=name, is_trainable=False)
+                self.model = PeftModel.from_pretrained(
+                    self._loaded.model, str(path), adapter_name=name, is_trainable=False,
+                    autocast_adapter_dtype=self.autocast)
                 self.model.eval()
             else:
-                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False,
+                                        autocast_adapter_dtype=self.autocast)
                 if self.model.active_adapter not in self.model.peft_config:
                     # The previously active adapter was deleted; peft needs one active adapter
                     # even when every row names its own via adapter_names.
@@ -92,11 +112,85 @@ class PeftAdapters:
         hotswap_adapter(self.model, str(path), adapter_name=name,
                         torch_device=str(self._loaded.device))
 
+    def prepare(self, path: Path) -> PreparedAdapter | None:
+        """Read an adapter version's weights for ``swap_prepared``: any thread (it touches no
+        model state). None when the adapter is not a plain LoRA this fast path handles (the
+        slots then use ``hotswap``)."""
+        import torch
+        from safetensors.torch import load_file
+
+        cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        if cfg.get("use_dora") or cfg.get("lora_bias") or cfg.get("rank_pattern") or \
+                cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
+            return None
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        # Resident adapter weights are fp32 even on a bf16 base (peft's autocast_adapter_dtype);
+        # copy_ converts anyway, this only moves the conversion off the model thread.
+        want = torch.float32 if self.autocast and \
+            self._loaded.dtype in (torch.bfloat16, torch.float16) else self._loaded.dtype
+        weights: dict[tuple[str, str], Any] = {}
+        for key, t in load_file(str(path / ADAPTER_WEIGHTS),
+                                device=str(self._loaded.device)).items():
+            m = _LORA_KEY.fullmatch(key)
+            if m is None:
+                return None
+            weights[(m.group(1), m.group(2))] = t.to(want) if t.is_floating_point() else t
+        return PreparedAdapter(weights, scaling, alpha)
+
+    def swap_prepared(self, name: str, prepared: PreparedAdapter) -> bool:
+        """Copy prepared weights into the resident adapter ``name`` in place. Checks every key
+        and shape first: returns False (nothing changed) when they do not match the resident
+        adapter's modules exactly; only a failure inside the copies can leave it half swapped."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        if name not in self._layers:  # the LoRA layers holding ``name``, found once per load
+            self._layers[name] = [(n, m) for n, m in self.model.named_modules()
+                                  if isinstance(m, LoraLayer) and name in m.lora_A]
+        targets: list[tuple[Any, Any]] = []
+        layers: list[Any] = []
+        seen: set[tuple[str, str]] = set()
+        for mod_name, module in self._layers[name]:
+            layers.append(module)
+            for part in ("lora_A", "lora_B"):
+                src = prepared.weights.get((mod_name, part))
+                dst = getattr(module, part)[name].weight
+                if src is None or tuple(src.shape) != tuple(dst.shape):
+                    return False
+                targets.append((dst, src))
+                seen.add((mod_name, part))
+        if not layers or seen != set(prepared.weights):
+            return False
+        with torch.no_grad():
+            for dst, src in targets:
+                dst.copy_(src)
+            for module in layers:
+                module.scaling[name] = prepared.scaling
+                module.lora_alpha[name] = prepared.alpha
+        self.model.peft_config[name].lora_alpha = prepared.alpha
+        return True
+
     def delete(self, name: str) -> None:
+        self._layers.pop(name, None)
         with warnings.catch_warnings():
             # peft warns when the active adapter goes; we route rows by adapter_names anyway.
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             self.model.delete_adapter(name)
+
+
+# A saved LoRA weight: "<module path>.lora_A.weight" / "<module path>.lora_B.weight".
+_LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter version's weights read off the model thread: (module path, lora_A|lora_B)
+    -> tensor on the model's device in the resident adapters' dtype, and its LoRA scaling."""
+
+    weights: dict[tuple[str, str], Any]
+    scaling: float
+    alpha: float
 
 
 @dataclass
@@ -105,6 +199,7 @@ class _GenItem:
     fut: asyncio.Future[GenerationResult]
     loop: asyncio.AbstractEventLoop
     t0: float
+    on_text: OnText | None = None
 
 
 @dataclass
@@ -143,6 +238,79 @@ class _Row:
     key: tuple[Any, ...]
 
 
+def _call_on_text(fn: OnText, text: str) -> None:
+    """Run a streaming callback on the event loop; its exceptions are logged, never raised."""
+    try:
+        fn(text)
+    except Exception:
+        log.exception("on_text callback failed (ignored)")
+
+
+class _RowStreamer:
+    """Streams the rows of one ``generate`` call that asked for it (``put``/``end`` as in
+    transformers' ``BaseStreamer``; ``_RowStreamer.new`` builds a subclass of it, imported
+    lazily).
+
+    ``put`` gets each step's tokens for the whole batch, shape (batch,), after a first call
+    with the prompts (skipped). Only rows with a callback keep their tokens; a row stops at its
+    first end-of-sequence token or its own ``max_new``. A row's text is decoded at most every
+    ``interval`` seconds and handed to its callback on its event loop only when it changed.
+    Runs on the model thread and never raises into ``generate``.
+    """
+
+    _cls: type | None = None
+
+    @classmethod
+    def new(cls, engine: LocalEngine, rows: list[_Row]) -> _RowStreamer:
+        if cls._cls is None:
+            from transformers.generation.streamers import BaseStreamer
+
+            cls._cls = type("RowStreamer", (cls, BaseStreamer), {})
+        return cls._cls(engine, rows)  # type: ignore[no-any-return]
+
+    def __init__(self, engine: LocalEngine, rows: list[_Row]) -> None:
+        self._tok = engine._tok
+        self._eos = set(engine._eos)
+        self._interval = engine.stream_interval_s
+        # Per streaming row: index in the batch, row, its tokens, next decode time, last text.
+        self._rows = [[i, r, [], 0.0, ""] for i, r in enumerate(rows) if r.item.on_text]
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # the first call carries the prompts
+            self._prompt_seen = True
+            return
+        if not self._rows:
+            return
+        try:
+            toks = value.tolist()
+            now = time.monotonic()
+            live = []
+            for st in self._rows:
+                i, row, got = st[0], st[1], st[2]
+                tok = toks[i] if isinstance(toks, list) else toks
+                finished = tok in self._eos or len(got) + 1 >= row.max_new
+                if tok not in self._eos:
+                    got.append(tok)
+                if not finished:
+                    live.append(st)
+                # The final text is the result's; stream only what comes before it.
+                if finished or now < st[3] or row.item.fut.done():
+                    continue
+                st[3] = now + self._interval
+                text = self._tok.decode(got, skip_special_tokens=True).rstrip("\ufffd").strip()
+                if text and text != st[4]:
+                    st[4] = text
+                    row.item.loop.call_soon_threadsafe(_call_on_text, row.item.on_text, text)
+            self._rows = live
+        except Exception:  # a closed loop, a decode error: streaming stops, generation goes on
+            log.exception("streaming failed; the rows still get their results")
+            self._rows = []
+
+    def end(self) -> None:
+        self._rows = []
+
+
 class LocalEngine(Engine):
     """In-process engine: a model thread, micro-batching across guilds, resident adapters (LRU)."""
 
@@ -158,6 +326,13 @@ class LocalEngine(Engine):
         self._adapters = PeftAdapters(loaded)
         self._slots = AdapterSlots(self._adapters, model_cfg.max_resident_adapters)
         self.batches_run = 0  # for tests and the bench: how many generate calls
+        # How long the last control item (load, swap, deactivate) held the model thread.
+        self.last_control_ms = 0.0
+        # Read and convert a new version's weights off the model thread (False: the model
+        # thread runs peft's hotswap_adapter from the files, as before; for the bench).
+        self.prepare_swaps = True
+        # Streaming: decode a streaming row's text at most this often.
+        self.stream_interval_s = 0.1
         self._eos = self._eos_ids()
         self._pad = (self._tok.pad_token_id if self._tok.pad_token_id is not None
                      else self._eos[0])
@@ -184,21 +359,36 @@ class LocalEngine(Engine):
 
     # -- public API -----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """Queue the request for the next batch and await its result."""
+    async def generate(self, req: GenerationRequest, on_text: OnText | None = None
+                       ) -> GenerationResult:
+        """Queue the request for the next batch and await its result; ``on_text`` receives the
+        text so far on this loop as it grows (at most every ``stream_interval_s``)."""
         if self._thread is None or self._closed:
             raise EngineError("engine is not running (call start() first, or it was closed)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[GenerationResult] = loop.create_future()
-        self._queue.put(_GenItem(req, fut, loop, time.perf_counter()))
+        self._queue.put(_GenItem(req, fut, loop, time.perf_counter(), on_text))
         return await fut
 
     async def activate(self, guild_id: int, version: int, path: str | Path) -> None:
-        """Validate off the loop, then load or hot-swap in the model thread between batches."""
-        p = await asyncio.to_thread(
-            validate_adapter_dir, path, guild_id=guild_id, version=version,
-            base_id=self._loaded.base_id, lora_shape=self._lora.shape())
-        await self._control(lambda: self._slots.activate(guild_id, version, p))
+        """Validate and read the new weights off the loop and off the model thread; the model
+        thread then only copies them into a resident slot (or loads the adapter) between
+        batches."""
+        p, prepared = await asyncio.to_thread(self._validate_and_prepare, guild_id, version, path)
+        await self._control(lambda: self._slots.activate(guild_id, version, p, prepared))
+
+    def _validate_and_prepare(self, guild_id: int, version: int, path: str | Path
+                              ) -> tuple[Path, PreparedAdapter | None]:
+        p = validate_adapter_dir(path, guild_id=guild_id, version=version,
+                                 base_id=self._loaded.base_id, lora_shape=self._lora.shape())
+        prepared = None
+        if self.prepare_swaps:
+            try:
+                prepared = self._adapters.prepare(p)
+            except Exception as exc:  # noqa: BLE001  (validated: the file path reports it)
+                log.warning("guild %s v%s: cannot prepare the hot swap (%s: %s)", guild_id,
+                            version, type(exc).__name__, exc)
+        return p, prepared
 
     async def deactivate(self, guild_id: int) -> None:
         """Unload the guild's adapter; it is served by the base model from now on."""
@@ -283,14 +473,17 @@ class LocalEngine(Engine):
         return batch, deferred
 
     def _run_control(self, item: _CtlItem) -> None:
+        t0 = time.perf_counter()
         try:
             value = item.fn()
         except Exception as exc:
+            self.last_control_ms = (time.perf_counter() - t0) * 1000
             if not isinstance(exc, (AdapterError, EngineError)):
                 log.exception("engine control operation failed")
                 exc = EngineError(f"{type(exc).__name__}: {exc}")
             _resolve(item.loop, item.fut, exc=exc)
         else:
+            self.last_control_ms = (time.perf_counter() - t0) * 1000
             _resolve(item.loop, item.fut, value)
 
     def _settings(self, req: GenerationRequest) -> tuple[int, float, float, float]:
@@ -354,6 +547,9 @@ class LocalEngine(Engine):
         else:
             # Unset sampling knobs a checkpoint's generation_config may carry (avoids warnings).
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        streamer = _RowStreamer.new(self, rows) if any(r.item.on_text for r in rows) else None
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         with torch.inference_mode():
             peft = self._adapters.model
             if self._slots.resident() and peft is not None:

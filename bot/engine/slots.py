@@ -4,7 +4,8 @@
 version each guild should serve (with its directory, so an evicted adapter can reload), the
 adapters resident in the model in least-recently-used order under a cap, load, hot swap of a
 resident guild's new version, eviction, and the rebuild of a slot when a swap fails. The model
-side is behind ``AdapterBackend`` (three calls: load, hot swap, delete), so the policy is tested
+side is behind ``AdapterBackend`` (load, hot swap from files or from weights prepared off the
+model thread, delete), so the policy is tested
 with a fake and no model (tests/test_engine_slots.py); ``PeftAdapters`` in bot/engine/local.py
 is the real one.
 
@@ -19,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.engine.base import BASE_ADAPTER, AdapterError, adapter_name
 
@@ -36,6 +37,11 @@ class AdapterBackend(Protocol):
     def hotswap(self, name: str, path: Path) -> None:
         """Replace the weights of the loaded adapter ``name`` in place. May fail half way
         (the slot is then unusable until deleted)."""
+
+    def swap_prepared(self, name: str, prepared: Any) -> bool:
+        """Copy weights read earlier (off the model thread) into the loaded adapter ``name``.
+        Return False, changing nothing, when they do not fit it (a key or shape differs: the
+        slots then use ``hotswap``); may fail half way like ``hotswap``."""
 
     def delete(self, name: str) -> None:
         """Unload the adapter ``name``."""
@@ -110,17 +116,19 @@ class AdapterSlots:
 
     # -- changes --------------------------------------------------------------------------------
 
-    def activate(self, guild_id: int, version: int, path: Path) -> None:
+    def activate(self, guild_id: int, version: int, path: Path, prepared: Any = None) -> None:
         """Serve ``version`` (a validated directory) for the guild: a hot swap when the guild's
-        slot is resident, else a load. Raises AdapterError when it fails; the guild then keeps
-        its previous version (its slot rebuilt from that version's directory)."""
+        slot is resident (from ``prepared``, the version's weights read off the model thread,
+        when given and they fit; else from the files), else a load. Raises AdapterError when it
+        fails; the guild then keeps its previous version (its slot rebuilt from that version's
+        directory)."""
         if self._wanted.get(guild_id) == (version, path) and \
                 self._resident.get(guild_id) == version:
             # Already serving exactly this version (two pollers raced): versions are immutable,
             # so there is nothing to swap.
             return
         if guild_id in self._resident:
-            self._swap(guild_id, version, path)
+            self._swap(guild_id, version, path, prepared)
         else:
             self._load(guild_id, version, path, protect={guild_id})
         self._wanted[guild_id] = (version, path)
@@ -154,11 +162,17 @@ class AdapterSlots:
         log.info("guild %s: loaded adapter v%s in %.0f ms", guild_id, version,
                  (time.perf_counter() - t0) * 1000)
 
-    def _swap(self, guild_id: int, version: int, path: Path) -> None:
+    def _swap(self, guild_id: int, version: int, path: Path, prepared: Any = None) -> None:
         name = adapter_name(guild_id)
         t0 = time.perf_counter()
+        how = "prepared weights"
         try:
-            self._backend.hotswap(name, path)
+            if prepared is None or not self._backend.swap_prepared(name, prepared):
+                if prepared is not None:
+                    log.warning("guild %s: prepared weights of v%s do not fit the resident "
+                                "adapter; hot-swapping from the files", guild_id, version)
+                how = "files"
+                self._backend.hotswap(name, path)
         except Exception as exc:
             # A hot swap is not atomic: rebuild the slot from the previous version.
             self._backend.delete(name)
@@ -174,5 +188,5 @@ class AdapterSlots:
                                f"swap failed ({type(exc).__name__}: {exc})") from None
         self._resident[guild_id] = version
         self._resident.move_to_end(guild_id)
-        log.info("guild %s: hot-swapped to v%s in %.0f ms", guild_id, version,
-                 (time.perf_counter() - t0) * 1000)
+        log.info("guild %s: hot-swapped to v%s in %.1f ms (%s)", guild_id, version,
+                 (time.perf_counter() - t0) * 1000, how)

@@ -1,18 +1,22 @@
 """VllmEngine: the engine as a client of a vLLM OpenAI-compatible server with multi-LoRA.
 
 For deployments that outgrow one machine: vLLM batches and schedules, this client only routes.
-Start the server with runtime adapter loading enabled, e.g.::
+Start the server with ``guildtune vllm`` (guildtune/vllm_server.py builds its flags from the
+config), set ``model.backend = "vllm"`` and ``model.vllm_url``. Adapter directories must be
+readable by the server at the same absolute path (a shared mount of the data dir).
 
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve HuggingFaceTB/SmolLM2-135M-Instruct \\
-        --enable-lora --max-loras 16 --max-lora-rank 16 --port 8000
+Prompts: the bot renders the chat to token ids itself, with the same template, escaping and
+budget rule as the local engine and the trainer (``guildtune.prompting.prompt_ids_within``), and
+sends the ids to ``/v1/completions``; so a member's typed ``<|im_start|>`` stays text, the
+prompt never exceeds the server's ``max_model_len``, and served prompts are the trained ones.
 
-and set ``model.backend = "vllm"``, ``model.vllm_url = "http://host:8000"``, ``model.name`` to
-the served model. Adapter directories must be readable by the server at the same path.
-
-Each adapter version gets its own name (``g<guild>-v<version>``): ``activate`` loads the new name
-(``POST /v1/load_lora_adapter``), routes new requests to it, and unloads the old name
-(``POST /v1/unload_lora_adapter``) once the requests already sent with it have finished. A chat
-request names the adapter (or the base model) in its ``model`` field.
+Adapters: each version gets its own name (``g<guild>-v<version>``). ``activate`` loads the new
+name (``POST /v1/load_lora_adapter``; a name the server already holds, from an earlier run of
+the bot or another bot, is reloaded in place from our path), routes new requests to it, and
+unloads the guild's other names once the requests already sent with them have finished. At
+start the client lists the server's adapters (``GET /v1/models``) so a restarted bot cleans up
+what it left behind. A request whose adapter the server no longer knows (the server restarted)
+reloads it once and retries.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,13 +39,17 @@ from bot.engine.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    OnText,
 )
 from guildtune.adapter_dir import validate_adapter_dir
+from guildtune.prompting import prompt_ids_within, serving_budget, special_strings
 
 if TYPE_CHECKING:
     from guildtune.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^g(\d+)-v(\d+)$")
 
 
 def lora_name(guild_id: int, version: int) -> str:
@@ -49,7 +58,7 @@ def lora_name(guild_id: int, version: int) -> str:
 
 
 def _server_message(body: str) -> str:
-    """One line from a vLLM/OpenAI error body ({"message": ...} or {"error": {"message": ...}})."""
+    """One line from a vLLM/OpenAI error body ({"error": {"message": ...}} or {"message": ...})."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -61,41 +70,71 @@ def _server_message(body: str) -> str:
     return " ".join(str(msg).split())[:300] or "(empty body)"
 
 
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class VllmEngine(Engine):
     """HTTP client of a vLLM server; same contract as LocalEngine."""
 
-    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
+    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: Any, *,
                  timeout_s: float = 120.0, base_id: str | None = None) -> None:
         self._cfg = model_cfg
         self._lora = lora_cfg
+        self._tok = tokenizer
+        self._specials = special_strings(tokenizer)
+        self._eos = sorted({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None
+                           else set())
         self._url = model_cfg.vllm_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._base_name = model_cfg.name  # replaced by the served name found at start()
+        self._max_len = model_cfg.max_context_tokens  # lowered to the server's at start()
         # Adapters are checked against this base id when their dir is readable here.
         self._base_id = base_id
         self._session: aiohttp.ClientSession | None = None
-        self._current: dict[int, tuple[int, str]] = {}  # guild -> (version, lora name)
+        self._current: dict[int, tuple[int, str, Path]] = {}  # guild -> (version, name, dir)
+        self._loaded: set[str] = set()  # our adapter names the server holds (as far as we know)
         self._inflight: dict[str, int] = defaultdict(int)
         self._idle = asyncio.Condition()
         self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    # -- lifecycle ------------------------------------------------------------------------------
+
     async def start(self) -> None:
-        """Open the HTTP session and find the served base model via GET /v1/models."""
+        """Open the HTTP session; find the served base model, its context length and the
+        adapters a previous run left on the server (GET /v1/models)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        status, body = await self._request("GET", "/v1/models", None, EngineError, "list models")
+        body = await self._call("GET", "/v1/models", None, EngineError, "list models")
         try:
             models = json.loads(body)["data"]
-            bases = [m["id"] for m in models if not m.get("parent")]
-        except (ValueError, KeyError, TypeError):
+            bases = [m for m in models if not m.get("parent")]
+            names = {m["id"]: m.get("parent") for m in models if m.get("parent")}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise EngineError(f"vLLM at {self._url}: /v1/models answered an unexpected body") \
                 from None
-        if self._cfg.name in bases or not bases:
-            self._base_name = self._cfg.name
-        else:
-            self._base_name = bases[0]
-            log.warning("vLLM serves %r, not the configured model.name %r: using %r",
-                        bases[0], self._cfg.name, bases[0])
+        base = next((m for m in bases if m.get("id") == self._cfg.name), bases[0] if bases
+                    else None)
+        if base is not None and base.get("id") != self._cfg.name:
+            log.warning("vLLM serves %r, not the configured model.name %r: using %r (start the "
+                        "server with `guildtune vllm` to match)", base.get("id"),
+                        self._cfg.name, base.get("id"))
+        if base is not None:
+            self._base_name = str(base["id"])
+            server_len = base.get("max_model_len")
+            if isinstance(server_len, int) and server_len > 0:
+                if server_len < self._cfg.max_context_tokens:
+                    log.warning("vLLM's max_model_len %d is under model.max_context_tokens %d: "
+                                "prompts are cut to fit it", server_len,
+                                self._cfg.max_context_tokens)
+                self._max_len = min(server_len, self._cfg.max_context_tokens)
+        self._loaded = {n for n, parent in names.items()
+                        if parent == self._base_name and _NAME.match(n)}
+        if self._loaded:
+            log.info("vLLM already holds %d guildtune adapters; they are reused or unloaded as "
+                     "guilds activate", len(self._loaded))
 
     async def close(self) -> None:
         """Close the HTTP session (server-side adapters stay loaded for the next start)."""
@@ -103,80 +142,224 @@ class VllmEngine(Engine):
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, route: str, payload: dict[str, Any] | None,
-                       error: type[Exception], what: str) -> tuple[int, str]:
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def _where(self, what: str) -> str:
+        return f"vLLM at {self._url}: {what}"
+
+    async def _call(self, method: str, route: str, payload: dict[str, Any] | None,
+                    error: type[Exception], what: str) -> str:
+        try:
+            return await self._raw(method, route, payload, what)
+        except _HttpError as exc:
+            raise error(str(exc)) from None
+
+    async def _raw(self, method: str, route: str, payload: dict[str, Any] | None,
+                   what: str) -> str:
+        """The body of a successful response; _HttpError (status, one line) for an error
+        answer; EngineError when the server cannot be reached or is too slow."""
         if self._session is None:
             raise EngineError("engine is not running (call start() first, or it was closed)")
         try:
             async with self._session.request(method, self._url + route, json=payload) as resp:
                 body = await resp.text()
                 if resp.status >= 400:
-                    raise error(f"vLLM at {self._url}: {what} failed with HTTP {resp.status}: "
-                                f"{_server_message(body)}")
-                return resp.status, body
-        except asyncio.TimeoutError:
-            raise error(f"vLLM at {self._url}: {what} timed out after "
-                        f"{self._timeout.total:.0f} s") from None
+                    raise _HttpError(resp.status, self._where(
+                        f"{what} failed with HTTP {resp.status}: {_server_message(body)}"))
+                return body
+        except TimeoutError:
+            raise EngineError(self._where(f"{what} timed out after "
+                                          f"{self._timeout.total:.0f} s")) from None
         except aiohttp.ClientError as exc:
-            raise error(f"vLLM at {self._url}: {what} failed: "
-                        f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+            raise EngineError(self._where(f"{what} failed: "
+                                          f"{' '.join(str(exc).split()) or type(exc).__name__}")
+                              ) from None
 
-    async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """POST /v1/chat/completions with the guild's current adapter name as the model."""
-        t0 = time.perf_counter()
-        cur = self._current.get(req.guild_id) if req.guild_id is not None else None
-        model, version = (cur[1], cur[0]) if cur else (self._base_name, None)
+    async def _stream(self, payload: dict[str, Any], what: str, on_text: OnText
+                      ) -> tuple[str, dict[str, Any]]:
+        """POST a streamed completion; returns (text, usage), calling ``on_text`` as it grows."""
+        if self._session is None:
+            raise EngineError("engine is not running (call start() first, or it was closed)")
+        text, usage = "", {}
+        try:
+            async with self._session.post(self._url + "/v1/completions", json=payload) as resp:
+                if resp.status >= 400:
+                    raise _HttpError(resp.status, self._where(
+                        f"{what} failed with HTTP {resp.status}: "
+                        f"{_server_message(await resp.text())}"))
+                async for raw in resp.content:  # server-sent events, one "data: ..." per line
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise EngineError(self._where(f"{what}: unreadable stream event "
+                                                      f"{data[:80]!r}")) from None
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    delta = "".join(str(c.get("text") or "") for c in chunk.get("choices") or [])
+                    if delta:
+                        text += delta
+                        try:
+                            on_text(text)
+                        except Exception:
+                            log.exception("on_text callback failed")
+        except TimeoutError:
+            raise EngineError(self._where(f"{what} timed out after "
+                                          f"{self._timeout.total:.0f} s")) from None
+        except aiohttp.ClientError as exc:
+            raise EngineError(self._where(f"{what} failed: "
+                                          f"{' '.join(str(exc).split()) or type(exc).__name__}")
+                              ) from None
+        return text, usage
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _settings(self, req: GenerationRequest) -> tuple[int, float, float, float]:
         c = self._cfg
+        return (req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens,
+                req.temperature if req.temperature is not None else c.temperature,
+                req.top_p if req.top_p is not None else c.top_p,
+                req.repetition_penalty if req.repetition_penalty is not None
+                else c.repetition_penalty)
+
+    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
+        """The prompt's token ids within the budget, by the local engine's rule."""
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                    m.get("role") not in ("system", "user", "assistant"):
+                raise EngineError("bad request: each message needs role system/user/assistant "
+                                  "and str content")
+        budget = serving_budget(self._max_len, max_new_tokens)
+        return prompt_ids_within(self._tok, messages, budget, specials=self._specials)
+
+    async def generate(self, req: GenerationRequest, on_text: OnText | None = None
+                       ) -> GenerationResult:
+        """POST /v1/completions (the rendered prompt ids) with the guild's adapter name."""
+        t0 = time.perf_counter()
+        max_new, temp, top_p, rep = self._settings(req)
+        ids = await asyncio.to_thread(self.prompt_ids, req.messages, max_new)
+        cur = self._current.get(req.guild_id) if req.guild_id is not None else None
         payload: dict[str, Any] = {
-            "model": model, "messages": req.messages,
-            "max_tokens": req.max_new_tokens if req.max_new_tokens is not None
-            else c.max_new_tokens,
-            "temperature": req.temperature if req.temperature is not None else c.temperature,
-            "top_p": req.top_p if req.top_p is not None else c.top_p,
-            # vLLM extension of the OpenAI schema
-            "repetition_penalty": req.repetition_penalty if req.repetition_penalty is not None
-            else c.repetition_penalty,
+            "prompt": ids,
+            # The prompt fits the budget; the reply gets what is left of the context.
+            "max_tokens": max(1, min(max_new, self._max_len - len(ids))),
+            "temperature": temp, "top_p": top_p if temp > 0 else 1.0,
+            "repetition_penalty": rep,  # vLLM's extensions of the OpenAI schema
+            "stop_token_ids": self._eos, "skip_special_tokens": True,
         }
         if req.seed is not None:
             payload["seed"] = req.seed
+        if on_text is not None:
+            payload.update(stream=True, stream_options={"include_usage": True})
+        try:
+            text, usage = await self._complete(payload, cur, on_text)
+        except _HttpError as exc:
+            raise EngineError(str(exc)) from None
+        version = cur[0] if cur and payload["model"] == cur[1] else None
+        return GenerationResult(text.strip() or FALLBACK_TEXT, version,
+                                int(usage.get("prompt_tokens", len(ids))),
+                                int(usage.get("completion_tokens", 0)),
+                                (time.perf_counter() - t0) * 1000)
+
+    async def _complete(self, payload: dict[str, Any], cur: tuple[int, str, Path] | None,
+                        on_text: OnText | None) -> tuple[str, dict[str, Any]]:
+        payload["model"] = cur[1] if cur else self._base_name
+        try:
+            return await self._send(payload, on_text)
+        except _HttpError as exc:
+            if cur is None or exc.status != 404:
+                raise
+        # The server does not know the adapter (it restarted, or someone unloaded it): load it
+        # again from its directory and retry once; if that fails, answer from the base model.
+        _version, name, path = cur
+        try:
+            await self._load(name, path)
+        except AdapterError as exc:
+            log.error("guild adapter %s vanished from the server and cannot be reloaded (%s); "
+                      "answering from the base model", name, exc)
+            payload["model"] = self._base_name
+        return await self._send(payload, on_text)
+
+    async def _send(self, payload: dict[str, Any], on_text: OnText | None
+                    ) -> tuple[str, dict[str, Any]]:
+        model = payload["model"]
+        what = f"completion with {model!r}"
         self._inflight[model] += 1
         try:
-            _, body = await self._request("POST", "/v1/chat/completions", payload, EngineError,
-                                          f"chat completion with {model!r}")
+            if on_text is not None:
+                return await self._stream(payload, what, on_text)
+            body = await self._raw("POST", "/v1/completions", payload, what)
         finally:
             self._inflight[model] -= 1
             async with self._idle:
                 self._idle.notify_all()
         try:
             data = json.loads(body)
-            text = data["choices"][0]["message"].get("content") or ""
+            text = data["choices"][0].get("text") or ""
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise EngineError(f"vLLM at {self._url}: unexpected chat completion body "
-                              f"{body[:120]!r}") from None
-        return GenerationResult(text.strip() or FALLBACK_TEXT, version,
-                                int(usage.get("prompt_tokens", 0)),
-                                int(usage.get("completion_tokens", 0)),
-                                (time.perf_counter() - t0) * 1000)
+            raise EngineError(self._where(f"unexpected completion body {body[:120]!r}")) \
+                from None
+        return str(text), usage
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    async def _load(self, name: str, path: Path) -> None:
+        """Load ``path`` under ``name``; a name the server already holds is reloaded in place
+        (our path wins: the server may hold an older run's or another bot's files)."""
+        what = f"loading adapter {name} from {path}"
+        body = {"lora_name": name, "lora_path": str(path)}
+        try:
+            await self._raw("POST", "/v1/load_lora_adapter", body, what)
+        except _HttpError as exc:
+            if exc.status != 400 or "already been loaded" not in str(exc):
+                raise AdapterError(self._adapter_message(exc, path)) from None
+            try:
+                await self._raw("POST", "/v1/load_lora_adapter", {**body, "load_inplace": True},
+                                what)
+            except _HttpError as again:
+                raise AdapterError(self._adapter_message(again, path)) from None
+        self._loaded.add(name)
+
+    @staticmethod
+    def _adapter_message(exc: _HttpError, path: Path) -> str:
+        if exc.status == 404:
+            return (f"{exc} (the server cannot read {path}: it must see the data dir at the "
+                    "same absolute path)")
+        return str(exc)
 
     async def activate(self, guild_id: int, version: int, path: str | Path) -> None:
-        """Load the version under a new name, route to it, then unload the old name."""
-        p = Path(path).expanduser()
+        """Load the version under a new name, route to it, then unload the guild's old names."""
+        p = Path(path).expanduser().absolute()  # the server resolves relative paths elsewhere
         if p.exists():  # the server may see paths this host does not; check what we can
             await asyncio.to_thread(validate_adapter_dir, p, guild_id=guild_id, version=version,
                                     base_id=self._base_id, lora_shape=self._lora.shape())
         name = lora_name(guild_id, version)
         async with self._locks[guild_id]:
             old = self._current.get(guild_id)
-            if old and old[1] == name:
+            if old and old[1] == name and old[2] == p:
                 return
-            await self._request("POST", "/v1/load_lora_adapter",
-                                {"lora_name": name, "lora_path": str(p)}, AdapterError,
-                                f"loading adapter {name} from {p}")
-            self._current[guild_id] = (version, name)
+            await self._load(name, p)
+            self._current[guild_id] = (version, name, p)
             log.info("guild %s: vLLM serves %s", guild_id, name)
-            if old:
-                await self._unload_when_idle(old[1])
+            await self._unload_others(guild_id, keep=name)
+
+    async def deactivate(self, guild_id: int) -> None:
+        """Route the guild to the base model and unload its adapters."""
+        async with self._locks[guild_id]:
+            self._current.pop(guild_id, None)
+            await self._unload_others(guild_id, keep=None)
+
+    async def _unload_others(self, guild_id: int, keep: str | None) -> None:
+        for name in sorted(self._loaded):
+            m = _NAME.match(name)
+            if m and int(m.group(1)) == guild_id and name != keep:
+                await self._unload_when_idle(name)
 
     async def _unload_when_idle(self, name: str) -> None:
         async with self._idle:
@@ -184,19 +367,18 @@ class VllmEngine(Engine):
             await self._idle.wait_for(lambda: self._inflight.get(name, 0) == 0)
         self._inflight.pop(name, None)
         try:
-            await self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name},
-                                AdapterError, f"unloading adapter {name}")
-        except AdapterError as exc:
-            # The new version already serves; a leftover old adapter only costs server memory.
+            await self._raw("POST", "/v1/unload_lora_adapter", {"lora_name": name},
+                            f"unloading adapter {name}")
+        except _HttpError as exc:
+            if exc.status != 404:  # 404: already gone, which is what we wanted
+                # The new version already serves; a leftover adapter only costs server memory.
+                log.warning("%s", exc)
+                return
+        except EngineError as exc:
             log.warning("%s", exc)
-
-    async def deactivate(self, guild_id: int) -> None:
-        """Route the guild to the base model and unload its adapter."""
-        async with self._locks[guild_id]:
-            old = self._current.pop(guild_id, None)
-            if old:
-                await self._unload_when_idle(old[1])
+            return
+        self._loaded.discard(name)
 
     def active_versions(self) -> dict[int, int]:
         """Guild id -> version routed to."""
-        return {g: v for g, (v, _) in self._current.items()}
+        return {g: v for g, (v, _, _) in self._current.items()}
