@@ -127,6 +127,10 @@ class AdapterWatcher:
             self._stuck.discard(guild_id)
             log.info("guild %s: back on the base model", guild_id)
             changes.append((guild_id, "Back on the base model."))
+        try:
+            await self.s.engine.release_others(set(wanted))
+        except Exception:  # leftovers only cost memory; the next poll tries again
+            log.warning("releasing adapters of guilds without a version failed", exc_info=True)
         if self.notify is not None:
             for guild_id, line in changes:
                 try:

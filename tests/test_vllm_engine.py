@@ -24,7 +24,7 @@ from bot.engine import (
     GenerationRequest,
     create_engine,
 )
-from bot.engine.vllm import VllmEngine
+from bot.engine.vllm import VllmEngine, instance_id, lora_name
 from guildtune.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from guildtune.config import ModelConfig
 from guildtune.models import TINY_BASE_ID, build_tiny_tokenizer
@@ -43,6 +43,7 @@ class FakeVllm:
         self.gate: asyncio.Event | None = None  # when set: completions wait for it
         self.entered = asyncio.Event()  # a completion request arrived
         self.bad_stream = False
+        self.stream_lines: list[bytes] | None = None  # when set: the raw stream to send
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/load_lora_adapter", self.load)
@@ -118,6 +119,10 @@ class FakeVllm:
                 "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if self.stream_lines is not None:
+            for line in self.stream_lines:
+                await resp.write(line + b"\n\n")
+            return resp
         pieces = [text[:3], text[3:7], text[7:]] if not self.bad_stream else ["x"]
         for piece in pieces:
             await resp.write(b"data: " + json.dumps(
@@ -156,6 +161,11 @@ async def server():
     await srv.runner.cleanup()
 
 
+def nm(data_dir: Path, guild: int, version: int) -> str:
+    """The server-side name of an adapter of the bot whose data dir is ``data_dir``."""
+    return lora_name(instance_id(data_dir), guild, version)
+
+
 def model_cfg(url: str, **kw: Any) -> ModelConfig:
     return ModelConfig(**{"name": BASE, "backend": "vllm", "vllm_url": url,
                           "max_new_tokens": 16, **kw})
@@ -187,19 +197,19 @@ async def test_versions_load_under_new_names_and_route(engine: VllmEngine, serve
 
     await engine.activate(1, 1, fake_adapter(tmp_path, 1, 1))
     await engine.activate(2, 1, fake_adapter(tmp_path, 2, 1))
-    assert set(server.loras) == {"g1-v1", "g2-v1"}
+    assert set(server.loras) == {nm(tmp_path, 1, 1), nm(tmp_path, 2, 1)}
     r1, r2, r3 = await asyncio.gather(engine.generate(req(1)), engine.generate(req(2)),
                                       engine.generate(req(3)))
-    assert (r1.text, r1.adapter_version) == (f"[g1-v1] n={n}", 1)
-    assert (r2.text, r3.text) == (f"[g2-v1] n={n}", f"[{BASE}] n={n}")
+    assert (r1.text, r1.adapter_version) == (f"[{nm(tmp_path, 1, 1)}] n={n}", 1)
+    assert (r2.text, r3.text) == (f"[{nm(tmp_path, 2, 1)}] n={n}", f"[{BASE}] n={n}")
 
     await engine.activate(1, 2, fake_adapter(tmp_path, 1, 2))
-    assert set(server.loras) == {"g1-v2", "g2-v1"}  # old name unloaded after the switch
-    assert (await engine.generate(req(1))).text == f"[g1-v2] n={n}"
+    assert set(server.loras) == {nm(tmp_path, 1, 2), nm(tmp_path, 2, 1)}  # old name unloaded after the switch
+    assert (await engine.generate(req(1))).text == f"[{nm(tmp_path, 1, 2)}] n={n}"
     assert engine.active_versions() == {1: 2, 2: 1}
 
     await engine.deactivate(2)
-    assert set(server.loras) == {"g1-v2"}
+    assert set(server.loras) == {nm(tmp_path, 1, 2)}
     assert (await engine.generate(req(2))).text == f"[{BASE}] n={n}"
 
 
@@ -263,12 +273,12 @@ async def test_unreachable_server_and_timeout(server: FakeVllm, tmp_path: Path) 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    eng = VllmEngine(model_cfg(dead), TINY_LORA, tok)
+    eng = VllmEngine(model_cfg(dead), TINY_LORA, tok, instance="t")
     with pytest.raises(EngineError, match="list models failed"):
         await eng.start()
     await eng.close()
 
-    slow = VllmEngine(model_cfg(server.url), TINY_LORA, tok, timeout_s=0.2)
+    slow = VllmEngine(model_cfg(server.url), TINY_LORA, tok, instance="t", timeout_s=0.2)
     await slow.start()
     server.gate = asyncio.Event()  # never set while the request waits: it must time out
     try:
@@ -286,36 +296,113 @@ async def test_swap_waits_for_requests_using_the_old_name(engine: VllmEngine, se
     pending = asyncio.ensure_future(engine.generate(req(1)))
     await server.entered.wait()  # the request is at the server, holding g1-v1
     swap = asyncio.ensure_future(engine.activate(1, 2, fake_adapter(tmp_path, 1, 2)))
-    while "g1-v2" not in server.loras:
+    while nm(tmp_path, 1, 2) not in server.loras:
         await asyncio.sleep(0)
-    assert set(server.loras) == {"g1-v1", "g1-v2"}  # the old name waits for its request
+    assert set(server.loras) == {nm(tmp_path, 1, 1), nm(tmp_path, 1, 2)}  # the old name waits for its request
     assert not swap.done()
     server.gate.set()
     res, _ = await asyncio.gather(pending, swap)
-    assert res.adapter_version == 1 and res.text.startswith("[g1-v1]")
-    assert set(server.loras) == {"g1-v2"}
+    assert res.adapter_version == 1 and res.text.startswith(f"[{nm(tmp_path, 1, 1)}]")
+    assert set(server.loras) == {nm(tmp_path, 1, 2)}
 
 
 async def test_a_restarted_bot_adopts_what_the_server_holds(server: FakeVllm,
                                                             tmp_path: Path) -> None:
-    server.loras = {"g1-v1": str(fake_adapter(tmp_path, 1, 1)), "g1-v0": "/gone",
-                    "g9-v1": "/other-guild"}
+    other_bot = lora_name(instance_id(tmp_path / "other-bot"), 1, 1)
+    server.loras = {nm(tmp_path, 1, 1): str(fake_adapter(tmp_path, 1, 1)),
+                    nm(tmp_path, 1, 0): "/gone", nm(tmp_path, 9, 1): "/guild-without-version",
+                    other_bot: "/other-bot/1/1"}
     eng = create_engine(model_cfg(server.url), TINY_LORA, cache_dir=tmp_path)
     await eng.start()
     try:
         await eng.activate(1, 1, tmp_path / "1" / "1")  # already held: reloaded in place
         assert [c[1].get("load_inplace") for c in server.calls if c[0] == "load"] == \
             [None, True]
-        assert set(server.loras) == {"g1-v1", "g9-v1"}  # this guild's leftover is gone
-        # The server forgets the adapter (it restarted): the next request reloads it.
-        server.loras.clear()
-        res = await eng.generate(req(1))
-        assert res.adapter_version == 1 and "g1-v1" in server.loras
+        # This guild's leftover is gone; another bot's adapter of the same guild is not ours.
+        assert set(server.loras) == {nm(tmp_path, 1, 1), nm(tmp_path, 9, 1), other_bot}
+        # The watcher's sync: guild 9 has no version any more, its leftover goes too.
+        await eng.release_others({1})
+        assert set(server.loras) == {nm(tmp_path, 1, 1), other_bot}
+        assert server.loras[other_bot] == "/other-bot/1/1"  # never reloaded with our files
     finally:
         await eng.close()
 
 
+async def test_a_server_that_lost_the_adapter(server: FakeVllm, tmp_path: Path) -> None:
+    eng = create_engine(model_cfg(server.url), TINY_LORA, cache_dir=tmp_path)
+    await eng.start()
+    try:
+        await eng.activate(1, 1, fake_adapter(tmp_path, 1, 1))
+        # The server restarted: five requests in flight find the adapter missing; one reload
+        # serves them all.
+        server.loras.clear()
+        server.calls.clear()
+        res = await asyncio.gather(*(eng.generate(req(1)) for _ in range(5)))
+        assert {r.adapter_version for r in res} == {1}
+        assert len([c for c in server.calls if c[0] == "load"]) == 1
+        # Lost again and its files are gone too: the base model answers.
+        server.loras.clear()
+        import shutil
+
+        shutil.rmtree(tmp_path / "1" / "1")
+        res1 = await eng.generate(req(1))
+        assert res1.adapter_version is None and res1.text.startswith(f"[{BASE}]")
+    finally:
+        await eng.close()
+
+
+async def test_a_lost_adapter_while_the_guild_moves_on(server: FakeVllm, tmp_path: Path) -> None:
+    eng = create_engine(model_cfg(server.url), TINY_LORA, cache_dir=tmp_path)
+    await eng.start()
+    try:
+        await eng.activate(1, 1, fake_adapter(tmp_path, 1, 1))
+        server.loras.clear()  # v1 is lost ...
+        server.gate = asyncio.Event()
+        server.entered.clear()
+        # ... a request finds it missing (404 at once, the gate only holds answers) while the
+        # guild switches to v2: the retry goes to v2, v1 is not loaded back.
+        v2 = fake_adapter(tmp_path, 1, 2)
+        async with eng._locks[1]:  # the activation holds the guild while the 404 comes back
+            pending = asyncio.ensure_future(eng.generate(req(1)))
+            await server.entered.wait()
+            await eng._load(nm(tmp_path, 1, 2), v2)
+            eng._current[1] = (2, nm(tmp_path, 1, 2), v2)
+        server.gate.set()
+        res = await pending
+        assert res.adapter_version == 2 and res.text.startswith(f"[{nm(tmp_path, 1, 2)}]")
+        assert set(server.loras) == {nm(tmp_path, 1, 2)}
+    finally:
+        await eng.close()
+
+
+async def test_stream_failures_are_errors_not_replies(server: FakeVllm, tmp_path: Path) -> None:
+    eng = create_engine(model_cfg(server.url), TINY_LORA, cache_dir=tmp_path)
+    await eng.start()
+    try:
+        for bad, why in (([b'data: {"choices": [{"text": "Half a rep"}]}',
+                           b'data: {"error": {"message": "engine died", "code": 500}}',
+                           b"data: [DONE]"], "failed while streaming: engine died"),
+                         ([b'data: {"choices": [{"text": "Half a rep"}]}'],
+                          "ended before \\[DONE\\]"),
+                         ([b'data: "oops"', b"data: [DONE]"], "unreadable stream event")):
+            server.stream_lines = bad
+            with pytest.raises(EngineError, match=why):
+                await eng.generate(req(None), on_text=lambda _t: None)
+    finally:
+        await eng.close()
+
+
+async def test_relative_adapter_paths_are_sent_absolute(server: FakeVllm, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        engine: VllmEngine) -> None:
+    fake_adapter(tmp_path, 1, 1)
+    monkeypatch.chdir(tmp_path)
+    await engine.activate(1, 1, Path("1") / "1")
+    assert server.loras[nm(tmp_path, 1, 1)] == str(tmp_path / "1" / "1")
+
+
 async def test_not_started_is_clear() -> None:
-    eng = VllmEngine(model_cfg("http://127.0.0.1:9"), TINY_LORA, build_tiny_tokenizer())
+    eng = VllmEngine(model_cfg("http://127.0.0.1:9"), TINY_LORA, build_tiny_tokenizer(),
+                     instance="t")
     with pytest.raises(EngineError, match="not running"):
         await eng.generate(req(None))

@@ -32,7 +32,7 @@ from bot.engine import (
     GenerationRequest,
     create_engine,
 )
-from bot.engine.vllm import VllmEngine
+from bot.engine.vllm import VllmEngine, instance_id, lora_name
 from guildtune.config import LoraConfig
 from guildtune.vllm_server import server_command
 from tests.fakes import make_config
@@ -124,6 +124,17 @@ def server_adapters(url: str) -> dict[str, str]:
     return {m["id"]: m["root"] for m in _get(url, "/v1/models")["data"] if m.get("parent")}
 
 
+def nm(server: dict[str, Any], guild: int, version: int) -> str:
+    """The server-side name of an adapter of the bots these tests start (data dir: root)."""
+    return lora_name(instance_id(server["root"]), guild, version)
+
+
+def guild_of(name: str) -> int | None:
+    """The guild of one of our adapter names (None for another name)."""
+    head, _, rest = name.partition("-g")
+    return int(rest.split("-v")[0]) if head and rest else None
+
+
 def _post(url: str, route: str, body: dict[str, Any]) -> int:
     req = urllib.request.Request(url + route, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -175,14 +186,14 @@ async def test_generate_activate_swap_deactivate(server: dict[str, Any]) -> None
         await eng.activate(11, 2, v2_path)
         done = await asyncio.gather(*running)
         assert {r.adapter_version for r in done} <= {1, 2}
-        assert "g11-v1" not in server_adapters(url)
-        assert server_adapters(url)["g11-v2"] == str(v2_path)
+        assert nm(server, 11, 1) not in server_adapters(url)
+        assert server_adapters(url)[nm(server, 11, 2)] == str(v2_path)
         v2 = await eng.generate(ask(11))
         assert v2.adapter_version == 2
         assert eng.active_versions() == {11: 2, 12: 1}
 
         await eng.deactivate(11)
-        assert not [n for n in server_adapters(url) if n.startswith("g11-")]
+        assert not [n for n in server_adapters(url) if guild_of(n) == 11]
         again = await eng.generate(ask(11))
         assert again.adapter_version is None and again.text == base.text
     finally:
@@ -193,8 +204,8 @@ async def test_a_restarted_bot_reuses_and_cleans_its_adapters(server: dict[str, 
     url, make = server["url"], server["factory"].make
     first = await _engine(server)
     await first.activate(21, 1, make(21, 1))
-    await first.close()  # a restart: the server keeps g21-v1
-    assert "g21-v1" in server_adapters(url)
+    await first.close()  # a restart: the server keeps v1
+    assert nm(server, 21, 1) in server_adapters(url)
 
     second = await _engine(server)
     try:
@@ -204,19 +215,30 @@ async def test_a_restarted_bot_reuses_and_cleans_its_adapters(server: dict[str, 
         assert (await second.generate(ask(21))).adapter_version == 1
         # A new version: the one the previous run left is unloaded too.
         await second.activate(21, 2, make(21, 2))
-        assert [n for n in server_adapters(url) if n.startswith("g21-")] == ["g21-v2"]
+        assert [n for n in server_adapters(url) if guild_of(n) == 21] == [nm(server, 21, 2)]
     finally:
         await second.close()
 
 
 async def test_two_bots_on_one_server(server: dict[str, Any]) -> None:
-    make = server["factory"].make
-    a, b = await _engine(server), await _engine(server)
+    # Two bots with their own data dirs serve the same guild id and version number with
+    # different weights: each keeps answering with its own adapter.
+    root = server["root"]
+    a = create_engine(server["cfg"].model, TINY_LORA, cache_dir=root / "bot-a")
+    b = create_engine(server["cfg"].model, TINY_LORA, cache_dir=root / "bot-b")
+    await a.start()
+    await b.start()
     try:
-        await a.activate(31, 1, make(31, 1))
-        await b.activate(31, 1, make(31, 1))  # the same name, loaded by the other bot
-        ra, rb = await asyncio.gather(a.generate(ask(31)), b.generate(ask(31)))
-        assert (ra.adapter_version, rb.adapter_version) == (1, 1) and ra.text == rb.text
+        await a.activate(31, 1, AdapterFactory(root / "bot-a" / "adapters").make(31, 1, seed=1))
+        alone = (await a.generate(ask(31))).text
+        await b.activate(31, 1, AdapterFactory(root / "bot-b" / "adapters").make(31, 1, seed=2))
+        await b.activate(31, 2, AdapterFactory(root / "bot-b" / "adapters").make(31, 2, seed=3))
+        ra, rb = await a.generate(ask(31)), await b.generate(ask(31))
+        assert (ra.adapter_version, rb.adapter_version) == (1, 2)
+        assert ra.text == alone and rb.text != alone  # a still serves its own weights
+        names = server_adapters(server["url"])
+        mine = names[lora_name(instance_id(root / "bot-a"), 31, 1)]
+        assert mine.startswith(str(root / "bot-a"))
     finally:
         await a.close()
         await b.close()
@@ -228,10 +250,10 @@ async def test_a_server_that_lost_the_adapter_gets_it_back(server: dict[str, Any
     try:
         await eng.activate(41, 1, make(41, 1))
         want = (await eng.generate(ask(41))).text
-        assert _post(url, "/v1/unload_lora_adapter", {"lora_name": "g41-v1"}) == 200
+        assert _post(url, "/v1/unload_lora_adapter", {"lora_name": nm(server, 41, 1)}) == 200
         res = await eng.generate(ask(41))
         assert (res.adapter_version, res.text) == (1, want)
-        assert "g41-v1" in server_adapters(url)
+        assert nm(server, 41, 1) in server_adapters(url)
     finally:
         await eng.close()
 
@@ -243,7 +265,7 @@ async def test_relative_paths_are_sent_absolute(server: dict[str, Any], tmp_path
     eng = await _engine(server)
     try:
         await eng.activate(51, 1, Path("51") / "1")  # the server's cwd is elsewhere
-        assert server_adapters(server["url"])["g51-v1"] == str(path)
+        assert server_adapters(server["url"])[nm(server, 51, 1)] == str(path)
     finally:
         await eng.close()
 

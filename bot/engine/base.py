@@ -9,7 +9,7 @@ re-exported here because every engine raises it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +90,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def deactivate(self, guild_id: int) -> None:
         """The guild falls back to the base model."""
+
+    async def release_others(self, keep: Collection[int]) -> None:
+        """Free what the engine holds for guilds that are neither in ``keep`` (the guilds with
+        an active version) nor served now, such as adapters an earlier run left on a vLLM
+        server. Called by the watcher after each sync; nothing to free by default."""
 
     @abc.abstractmethod
     def active_versions(self) -> dict[int, int]:

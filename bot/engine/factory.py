@@ -21,14 +21,15 @@ def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     Loading a local model takes seconds: call this off the event loop (e.g. asyncio.to_thread).
     """
     if model_cfg.backend == "vllm":
-        from bot.engine.vllm import VllmEngine
+        from bot.engine.vllm import VllmEngine, instance_id
         from guildtune.models import load_tokenizer, resolve_checkpoint
 
         # The bot renders prompts itself (the trainer's ids, the budget); only the tokenizer
-        # is loaded here, and the base id adapters are checked against.
+        # is loaded here, and the base id adapters are checked against. Adapter names on the
+        # server carry the data dir they come from.
         _, base_id = resolve_checkpoint(model_cfg.name, cache_dir)
         return VllmEngine(model_cfg, lora_cfg, load_tokenizer(model_cfg.name, cache_dir),
-                          base_id=base_id)
+                          instance=instance_id(cache_dir or Path.cwd()), base_id=base_id)
     from bot.engine.local import LocalEngine
     from guildtune.models import load_model
 

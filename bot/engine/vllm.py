@@ -10,23 +10,28 @@ budget rule as the local engine and the trainer (``guildtune.prompting.prompt_id
 sends the ids to ``/v1/completions``; so a member's typed ``<|im_start|>`` stays text, the
 prompt never exceeds the server's ``max_model_len``, and served prompts are the trained ones.
 
-Adapters: each version gets its own name (``g<guild>-v<version>``). ``activate`` loads the new
-name (``POST /v1/load_lora_adapter``; a name the server already holds, from an earlier run of
-the bot or another bot, is reloaded in place from our path), routes new requests to it, and
-unloads the guild's other names once the requests already sent with them have finished. At
-start the client lists the server's adapters (``GET /v1/models``) so a restarted bot cleans up
-what it left behind. A request whose adapter the server no longer knows (the server restarted)
-reloads it once and retries.
+Adapters: each version gets its own name, ``<instance>-g<guild>-v<version>``, where the instance
+names the data directory the adapters come from (``instance_id``): bots with their own data never
+touch each other's adapters on a shared server, bots sharing one data dir (shards) share names.
+``activate`` loads the new name (``POST /v1/load_lora_adapter``; a name the server already holds,
+from an earlier run, is reloaded in place from our path), routes new requests to it, and unloads
+the guild's other names once the requests already sent with them have finished. At start the
+client lists the server's adapters (``GET /v1/models``); what an earlier run left for guilds
+that no longer have a version goes at the watcher's first sync (``release_others``). A request
+whose adapter the server no longer knows (the server restarted) reloads it, once for all the
+requests that found it missing, and retries; if it cannot be reloaded, the base model answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,12 +54,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^g(\d+)-v(\d+)$")
+def instance_id(data_dir: Path | str) -> str:
+    """A short, stable name for the data directory adapters are served from."""
+    return hashlib.sha256(str(Path(data_dir).expanduser().absolute()).encode()).hexdigest()[:8]
 
 
-def lora_name(guild_id: int, version: int) -> str:
+def lora_name(instance: str, guild_id: int, version: int) -> str:
     """The server-side adapter name of one version (new name per version: no cache confusion)."""
-    return f"g{guild_id}-v{version}"
+    return f"{instance}-g{guild_id}-v{version}"
 
 
 def _server_message(body: str) -> str:
@@ -80,7 +87,7 @@ class VllmEngine(Engine):
     """HTTP client of a vLLM server; same contract as LocalEngine."""
 
     def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, tokenizer: Any, *,
-                 timeout_s: float = 120.0, base_id: str | None = None) -> None:
+                 instance: str, timeout_s: float = 120.0, base_id: str | None = None) -> None:
         self._cfg = model_cfg
         self._lora = lora_cfg
         self._tok = tokenizer
@@ -93,7 +100,10 @@ class VllmEngine(Engine):
         self._max_len = model_cfg.max_context_tokens  # lowered to the server's at start()
         # Adapters are checked against this base id when their dir is readable here.
         self._base_id = base_id
+        self._instance = instance
+        self._name_re = re.compile(rf"^{re.escape(instance)}-g(\d+)-v(\d+)$")
         self._session: aiohttp.ClientSession | None = None
+        self._reloads: dict[str, asyncio.Future[None]] = {}  # name -> its reload in progress
         self._current: dict[int, tuple[int, str, Path]] = {}  # guild -> (version, name, dir)
         self._loaded: set[str] = set()  # our adapter names the server holds (as far as we know)
         self._inflight: dict[str, int] = defaultdict(int)
@@ -131,7 +141,7 @@ class VllmEngine(Engine):
                                 self._cfg.max_context_tokens)
                 self._max_len = min(server_len, self._cfg.max_context_tokens)
         self._loaded = {n for n, parent in names.items()
-                        if parent == self._base_name and _NAME.match(n)}
+                        if parent == self._base_name and self._name_re.match(n)}
         if self._loaded:
             log.info("vLLM already holds %d guildtune adapters; they are reused or unloaded as "
                      "guilds activate", len(self._loaded))
@@ -180,7 +190,7 @@ class VllmEngine(Engine):
         """POST a streamed completion; returns (text, usage), calling ``on_text`` as it grows."""
         if self._session is None:
             raise EngineError("engine is not running (call start() first, or it was closed)")
-        text, usage = "", {}
+        text, usage, done = "", {}, False
         try:
             async with self._session.post(self._url + "/v1/completions", json=payload) as resp:
                 if resp.status >= 400:
@@ -193,12 +203,18 @@ class VllmEngine(Engine):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        done = True
                         break
                     try:
                         chunk = json.loads(data)
                     except ValueError:
+                        chunk = None
+                    if not isinstance(chunk, dict):
                         raise EngineError(self._where(f"{what}: unreadable stream event "
-                                                      f"{data[:80]!r}")) from None
+                                                      f"{data[:80]!r}"))
+                    if "error" in chunk:  # the server failed mid-generation
+                        raise EngineError(self._where(f"{what} failed while streaming: "
+                                                      f"{_server_message(data)}"))
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     delta = "".join(str(c.get("text") or "") for c in chunk.get("choices") or [])
@@ -208,6 +224,8 @@ class VllmEngine(Engine):
                             on_text(text)
                         except Exception:
                             log.exception("on_text callback failed")
+                if not done:  # cut off: a partial reply must not pass for a whole one
+                    raise EngineError(self._where(f"{what}: the stream ended before [DONE]"))
         except TimeoutError:
             raise EngineError(self._where(f"{what} timed out after "
                                           f"{self._timeout.total:.0f} s")) from None
@@ -257,17 +275,19 @@ class VllmEngine(Engine):
         if on_text is not None:
             payload.update(stream=True, stream_options={"include_usage": True})
         try:
-            text, usage = await self._complete(payload, cur, on_text)
+            text, usage = await self._complete(payload, req.guild_id, cur, on_text)
         except _HttpError as exc:
             raise EngineError(str(exc)) from None
-        version = cur[0] if cur and payload["model"] == cur[1] else None
+        served = self._name_re.match(payload["model"])  # the name that answered in the end
+        version = int(served.group(2)) if served else None
         return GenerationResult(text.strip() or FALLBACK_TEXT, version,
                                 int(usage.get("prompt_tokens", len(ids))),
                                 int(usage.get("completion_tokens", 0)),
                                 (time.perf_counter() - t0) * 1000)
 
-    async def _complete(self, payload: dict[str, Any], cur: tuple[int, str, Path] | None,
-                        on_text: OnText | None) -> tuple[str, dict[str, Any]]:
+    async def _complete(self, payload: dict[str, Any], guild_id: int | None,
+                        cur: tuple[int, str, Path] | None, on_text: OnText | None
+                        ) -> tuple[str, dict[str, Any]]:
         payload["model"] = cur[1] if cur else self._base_name
         try:
             return await self._send(payload, on_text)
@@ -276,14 +296,31 @@ class VllmEngine(Engine):
                 raise
         # The server does not know the adapter (it restarted, or someone unloaded it): load it
         # again from its directory and retry once; if that fails, answer from the base model.
-        _version, name, path = cur
-        try:
-            await self._load(name, path)
-        except AdapterError as exc:
-            log.error("guild adapter %s vanished from the server and cannot be reloaded (%s); "
-                      "answering from the base model", name, exc)
-            payload["model"] = self._base_name
+        payload["model"] = await self._recover(guild_id, cur)
         return await self._send(payload, on_text)
+
+    async def _recover(self, guild_id: int, lost: tuple[int, str, Path]) -> str:
+        """The model name to retry with after the server lost ``lost``: the guild's current
+        adapter, reloaded (one reload shared by every request that found it missing), or the
+        base model."""
+        async with self._locks[guild_id]:
+            cur = self._current.get(guild_id)
+            if cur is None:
+                return self._base_name
+            if cur[1] != lost[1]:
+                return cur[1]  # the guild moved on to another version meanwhile
+            pending = self._reloads.get(cur[1])
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(cur[1], cur[2]))
+                self._reloads[cur[1]] = pending
+                pending.add_done_callback(lambda _f, n=cur[1]: self._reloads.pop(n, None))
+        try:
+            await asyncio.shield(pending)
+        except AdapterError as exc:
+            log.error("adapter %s vanished from the server and cannot be reloaded (%s); "
+                      "answering from the base model", cur[1], exc)
+            return self._base_name
+        return cur[1]
 
     async def _send(self, payload: dict[str, Any], on_text: OnText | None
                     ) -> tuple[str, dict[str, Any]]:
@@ -339,7 +376,7 @@ class VllmEngine(Engine):
         if p.exists():  # the server may see paths this host does not; check what we can
             await asyncio.to_thread(validate_adapter_dir, p, guild_id=guild_id, version=version,
                                     base_id=self._base_id, lora_shape=self._lora.shape())
-        name = lora_name(guild_id, version)
+        name = lora_name(self._instance, guild_id, version)
         async with self._locks[guild_id]:
             old = self._current.get(guild_id)
             if old and old[1] == name and old[2] == p:
@@ -357,9 +394,22 @@ class VllmEngine(Engine):
 
     async def _unload_others(self, guild_id: int, keep: str | None) -> None:
         for name in sorted(self._loaded):
-            m = _NAME.match(name)
+            m = self._name_re.match(name)
             if m and int(m.group(1)) == guild_id and name != keep:
                 await self._unload_when_idle(name)
+
+    async def release_others(self, keep: Collection[int]) -> None:
+        """Unload our adapters of guilds neither in ``keep`` nor served (an earlier run's)."""
+        for name in sorted(self._loaded):
+            m = self._name_re.match(name)
+            if m is None:
+                continue
+            guild_id = int(m.group(1))
+            if guild_id in keep or guild_id in self._current:
+                continue
+            async with self._locks[guild_id]:
+                if guild_id not in self._current:
+                    await self._unload_when_idle(name)
 
     async def _unload_when_idle(self, name: str) -> None:
         async with self._idle:
