@@ -214,6 +214,12 @@ class Core:
                 except Exception:  # the channel broke too: the engine's error is the story
                     log.warning("could not withdraw a half-streamed reply", exc_info=True)
                 raise
+            except asyncio.CancelledError:
+                # The bot shuts down (or the chat was cancelled): the half reply shown gets a
+                # notice, best effort and bounded (``interrupt_timeout_s``), then the cancel
+                # goes on.
+                await stream.interrupt()
+                raise
             except BaseException:
                 stream.cancel()
                 raise
@@ -228,6 +234,10 @@ class Core:
         else:
             # The streamed messages become exactly ``parts``; the controls come last.
             out.reply_ids = await stream.finish(parts)
+            if stream.withdrawn:
+                # A moderator deleted the reply while it streamed: it is not posted again,
+                # and a moderated reply is kept out of the training data (nothing logged).
+                return out
         if guild_id is not None:
             # What the model was shown, not the wider window the front end collected.
             context = [t.stored() for t in kept_turns(turns, msgs)]

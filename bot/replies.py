@@ -23,7 +23,11 @@ DISCORD_LIMIT = 2000
 # What a member sees where a reply failed (the Cog's slash commands, a stream cut by an error).
 POLITE_FAILURE = ("Sorry, something went wrong on my side. The bot's operator can find the "
                   "details in the log.")
+# What replaces a half-streamed reply when the chat is cancelled (the bot shuts down).
+INTERRUPTED = "(Interrupted: the bot stopped before this reply was finished. Please ask again.)"
 FENCE_LANG_MAX = 24  # a reopened code fence keeps its language only when it looks like one
+# Interrupt notices still going after their wait timed out: the loop keeps only weak references.
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def _open_fence(text: str, start: str | None = None) -> str | None:
@@ -103,6 +107,12 @@ class EditFailed(Exception):
     logs it and goes on; the final edit is retried once, then the text is sent anew."""
 
 
+class MessageGone(EditFailed):
+    """The message is not there any more (Discord: 404 Unknown Message): a moderator deleted
+    it. The stream withdraws the whole reply (``ReplyStream.withdrawn``): nothing of it is
+    sent again, its other parts are deleted, and ``Core.chat`` does not log it."""
+
+
 class ReplyChannel(Protocol):
     """Where a reply goes: a Discord channel (cog) or the terminal (console).
 
@@ -120,11 +130,13 @@ class ReplyChannel(Protocol):
     async def edit(self, message_id: int, text: str, *, last: bool = False) -> None:
         """Replace the text of a part sent before. ``last``: the reply is complete and this
         is its last part: it gets the feedback controls now (even when the text is the same).
-        Raises ``EditFailed`` when the platform refused."""
+        Raises ``MessageGone`` when the message was deleted (by a moderator), ``EditFailed``
+        when the platform refused."""
 
     async def delete(self, message_id: int) -> None:
         """Remove a part sent before (a streamed part the final reply no longer has).
-        Raises ``EditFailed`` when the platform refused."""
+        Raises ``MessageGone`` when it is gone already, ``EditFailed`` when the platform
+        refused."""
 
 
 class ReplyStream:
@@ -138,18 +150,33 @@ class ReplyStream:
     stream goes on in a new message. ``finish`` makes the messages exactly ``split_reply`` of
     the final text (edits, sends what is missing, deletes what is left over) and puts the
     feedback controls on the last part only then; ``abort`` replaces a shown half reply with
-    ``POLITE_FAILURE``. Nothing here waits on a timer: a pending text is shown on the next
-    ``update`` the throttle allows, or by ``finish``.
+    ``POLITE_FAILURE``, ``interrupt`` (the chat was cancelled) with ``INTERRUPTED``.
+
+    A pending text the throttle holds back is shown when the interval is up even if no
+    ``update`` follows (an engine row that finished while its batch goes on): a flush is
+    scheduled with ``call_later(delay, callback)`` (one at a time, cancelled at the end), the
+    delay computed from ``clock``. ``call_later`` defaults to the clock's own ``call_later``
+    when it has one (a test clock that runs timers in its own time), else the event loop's.
+
+    A message found deleted (``MessageGone``: a moderator removed it) withdraws the reply:
+    streaming stops, its other parts are deleted, nothing is sent again (not even by
+    ``finish`` or ``abort``) and ``withdrawn`` tells ``Core.chat`` not to log it.
     """
 
+    interrupt_timeout_s = 5.0  # how long a cancelled chat may spend replacing its half reply
+
     def __init__(self, channel: ReplyChannel, *, clock: Callable[[], float],
-                 edit_interval_s: float, limit: int = DISCORD_LIMIT) -> None:
+                 edit_interval_s: float, limit: int = DISCORD_LIMIT,
+                 call_later: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
         # edit_interval_s: discord.stream_edit_interval_s (Discord allows about five edits per
         # five seconds per channel; one a second leaves room for the other replies).
         self.channel = channel
         self.clock = clock
         self.interval = edit_interval_s
         self.limit = limit
+        self._call_later = call_later or getattr(clock, "call_later", None)
+        self._timer: Any = None  # the scheduled flush (a handle with ``cancel``), one at most
+        self.withdrawn = False  # a moderator deleted a part: the reply is gone, not to log
         self.ids: list[int] = []  # the messages sent, in order
         self.shown: list[str | None] = []  # their text (None: unknown after a failed edit)
         self._latest: str | None = None  # the newest text not shown yet
@@ -183,14 +210,41 @@ class ReplyStream:
         if self._closed:
             return
         self._latest = text
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start a round for the pending text now if the throttle allows, else schedule one."""
+        if self._closed or self._latest is None:
+            return
         if self._task is not None and not self._task.done():
             return  # one round in flight: it shows the latest text when the throttle allows
         if self._due():
+            self._cancel_timer()
             self._task = asyncio.get_running_loop().create_task(self._rounds())
+        else:
+            self._arm()
 
     def _due(self) -> bool:
         return (not self.ids or self._last_round is None
                 or self.clock() - self._last_round >= self.interval)
+
+    def _arm(self) -> None:
+        """Schedule a flush for when the interval is up (unless one is scheduled already)."""
+        if self._timer is not None or self._last_round is None:
+            return
+        # Never longer than the interval: a clock set back must not hide the text for long.
+        delay = min(self.interval, max(0.0, self.interval - (self.clock() - self._last_round)))
+        call_later = self._call_later or asyncio.get_running_loop().call_later
+        self._timer = call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        self._pump()  # not due yet (the loop's clock ran ahead of ``clock``): scheduled anew
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     async def _rounds(self) -> None:
         try:
@@ -201,6 +255,8 @@ class ReplyStream:
             log.warning("streaming a reply failed; the full reply follows at the end",
                         exc_info=True)
             self._closed = True
+        if not self._closed and self._latest is not None:
+            self._arm()  # a text came during the round, within the interval: shown when due
 
     async def _show(self, text: str) -> None:
         parts = split_reply(text.replace("\x00", ""), self.limit)
@@ -211,6 +267,8 @@ class ReplyStream:
             if i < len(self.ids):
                 if self.shown[i] != part:  # the streamed part, or an earlier one getting its end
                     await self._edit(i, part, last=False, final=False)
+                    if self.withdrawn:
+                        return
             else:
                 if i == 0:
                     await self._stop_typing()
@@ -218,10 +276,14 @@ class ReplyStream:
                 self.shown.append(part)
 
     async def _edit(self, i: int, text: str, *, last: bool, final: bool) -> bool:
-        """Edit message ``i``; a refused edit is logged, and tried once more when ``final``."""
+        """Edit message ``i``; a refused edit is logged, and tried once more when ``final``;
+        a deleted message withdraws the reply (never tried again)."""
         for attempt in range(2 if final else 1):
             try:
                 await self.channel.edit(self.ids[i], text, last=last)
+            except MessageGone as exc:
+                self._gone(self.ids[i], exc)
+                return False
             except EditFailed as exc:
                 log.warning("editing reply message %s failed (try %d): %s", self.ids[i],
                             attempt + 1, exc)
@@ -231,24 +293,72 @@ class ReplyStream:
             return True
         return False
 
+    def _gone(self, message_id: int, exc: Exception) -> None:
+        """Message ``message_id`` was deleted (by a moderator): withdraw the whole reply."""
+        self._dropped.add(message_id)  # nothing left there to delete
+        if not self.withdrawn:
+            log.info("reply message %s was deleted (by a moderator?): the reply is withdrawn, "
+                     "not sent again nor logged (%s)", message_id, exc)
+        self.withdrawn = True
+        self._closed = True
+        self._cancel_timer()
+
+    async def _withdraw(self, sent: Sequence[int] = ()) -> None:
+        """Delete what is left of a withdrawn reply (streamed messages and ``sent``)."""
+        for mid in (*self.ids, *sent):
+            if mid not in self._dropped:
+                self._dropped.add(mid)
+                await self._delete(mid)
+
     async def _delete(self, message_id: int) -> None:
         try:
             await self.channel.delete(message_id)
+        except MessageGone as exc:  # deleted already: what was wanted
+            log.debug("reply message %s was deleted already: %s", message_id, exc)
         except EditFailed as exc:
             log.warning("deleting reply message %s failed: %s", message_id, exc)
 
     async def _settle(self) -> None:
-        """Stop streaming and wait for the round in flight (it never raises)."""
+        """Stop streaming and wait for the round in flight (it never raises; a round that
+        was cancelled counts as done)."""
         self._closed = True
+        self._cancel_timer()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])
         await self._stop_typing()
 
     def cancel(self) -> None:
-        """Stop at once (the chat was cancelled): the round in flight is cancelled."""
+        """Stop at once: the round in flight is cancelled."""
         self._closed = True
+        self._cancel_timer()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    async def interrupt(self, notice: str = INTERRUPTED) -> None:
+        """The chat was cancelled (the bot shuts down): replace a shown half reply with
+        ``notice``, best effort and for at most ``interrupt_timeout_s``.
+
+        The work runs shielded from the cancellation in a task of its own (the round in
+        flight finishes first, so no message is left half sent and unknown); past the
+        timeout it is left to finish on its own. Channel errors are logged, never raised;
+        the caller re-raises its ``CancelledError`` (a second cancellation ends the wait).
+        """
+        self._closed = True
+        self._cancel_timer()
+        job = asyncio.get_running_loop().create_task(self._abort_quietly(notice))
+        _BACKGROUND.add(job)  # a strong reference while it may outlive this wait
+        job.add_done_callback(_BACKGROUND.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(job), self.interrupt_timeout_s)
+        except TimeoutError:
+            log.warning("replacing an interrupted reply took over %.0f s: left to finish",
+                        self.interrupt_timeout_s)
+
+    async def _abort_quietly(self, notice: str) -> None:
+        try:
+            await self.abort(notice)
+        except Exception:
+            log.warning("could not replace an interrupted reply", exc_info=True)
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -257,9 +367,14 @@ class ReplyStream:
 
         Without any streamed message this is the plain send of every part. A final edit that
         fails twice is replaced by sending that part and every later one anew (in order), the
-        stale messages deleted, so nothing of the reply is lost.
+        stale messages deleted, so nothing of the reply is lost. A withdrawn reply (a part
+        deleted by a moderator, now or while streaming) is not sent again: what is left of it
+        is deleted and the ids are ``[]``.
         """
         await self._settle()
+        if self.withdrawn:
+            await self._withdraw()
+            return []
         ids: list[int] = []
         fresh = False
         for i, part in enumerate(parts):
@@ -273,6 +388,9 @@ class ReplyStream:
                 if await self._edit(i, part, last=last, final=True):
                     ids.append(self.ids[i])
                     continue
+                if self.withdrawn:
+                    await self._withdraw(ids)
+                    return []
                 fresh = True  # sent anew below, and so is every later part, to keep the order
             if last:
                 await self._drop(ids)
@@ -289,12 +407,18 @@ class ReplyStream:
 
     async def abort(self, notice: str = POLITE_FAILURE) -> None:
         """Generation failed: a half reply shown is replaced by ``notice`` (without feedback
-        controls); nothing is sent when nothing was shown."""
+        controls); nothing is sent when nothing was shown, nor when the reply was withdrawn
+        (a moderator deleted it: what is left of it is deleted)."""
         await self._settle()
+        if self.withdrawn:
+            await self._withdraw()
+            return
         if not self.ids:
             return
         if await self._edit(0, notice, last=False, final=True):
             await self._drop([self.ids[0]])
+        elif self.withdrawn:
+            await self._withdraw()
         else:
             await self._drop([])
             await self.channel.send(notice, first=True, last=False)

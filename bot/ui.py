@@ -20,7 +20,7 @@ import discord
 from discord.ext import commands
 
 from bot.core import Core, UserError
-from bot.replies import EditFailed
+from bot.replies import EditFailed, MessageGone
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,9 @@ class DiscordReply:
     """``ReplyChannel`` over a Discord message: reply to it, controls under the last part.
 
     Streaming (``bot.replies.ReplyStream``) edits the parts it sent: the messages are kept by
-    id; a refused edit or delete raises ``EditFailed`` (the stream logs it and goes on). The
+    id; a refused edit or delete raises ``EditFailed`` (the stream logs it and goes on), one
+    of a message that is not there any more (404: a moderator deleted it) ``MessageGone`` (the
+    stream withdraws the reply: nothing of it is posted again). The
     controls (the view, and 👍/👎 with ``feedback = "reactions"``) go on a part when it is sent
     as the last one, or when the finished reply's last part is edited with ``last``.
     """
@@ -258,7 +260,9 @@ class DiscordReply:
         if text != self._text[message_id] or controls:
             try:
                 await sent.edit(content=text, **kw)
-            except discord.HTTPException as exc:  # rate limited, deleted by a moderator...
+            except discord.NotFound as exc:  # deleted by a moderator (10008 Unknown Message)
+                raise MessageGone(f"{type(exc).__name__}: {exc}") from exc
+            except discord.HTTPException as exc:  # rate limited, no permission...
                 raise EditFailed(f"{type(exc).__name__}: {exc}") from exc
             self._text[message_id] = text
         if controls:  # only once the reply is complete: nobody rates half a reply
@@ -270,6 +274,8 @@ class DiscordReply:
         self._text.pop(message_id, None)
         try:
             await sent.delete()
+        except discord.NotFound as exc:
+            raise MessageGone(f"{type(exc).__name__}: {exc}") from exc
         except discord.HTTPException as exc:
             raise EditFailed(f"{type(exc).__name__}: {exc}") from exc
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from bot.engine import AdapterError, Engine, GenerationRequest, GenerationResult, OnText
 from bot.handlers import DISCORD_LIMIT
-from bot.replies import EditFailed
+from bot.replies import EditFailed, MessageGone
 from bot.services import Services
 from guildtune.config import Config, parse_config
 from storage import Store
@@ -200,17 +200,43 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+class FakeTimer:
+    """A timer of ``FakeClock.call_later``."""
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
-    """A clock that moves only when told: ``clock()`` reads it, ``advance(s)`` moves it."""
+    """A clock that moves only when told: ``clock()`` reads it, ``advance(s)`` moves it and
+    fires, in order, the ``call_later`` timers that came due (a stream's flushes take the
+    clock's ``call_later``: no test waits on the event loop's real timers)."""
 
     def __init__(self, t: float = 1_000_000.0) -> None:
         self.t = t
+        self.timers: list[FakeTimer] = []  # every timer scheduled
 
     def __call__(self) -> float:
         return self.t
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.t + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    @property
+    def pending(self) -> list[FakeTimer]:
+        return [t for t in self.timers if not t.cancelled and t.callback is not None]
+
     def advance(self, seconds: float) -> None:
         self.t += seconds
+        while due := sorted((t for t in self.pending if t.when <= self.t),
+                            key=lambda t: t.when):
+            cb, due[0].callback = due[0].callback, None  # fired: pending no more
+            cb()
 
 
 class RecordingChannel:
@@ -221,7 +247,9 @@ class RecordingChannel:
     the member finally sees it). ``calls``: every send/edit/delete in order, as
     ``(op, message_id, text, first, last, clock())``. Set ``gate`` (an ``asyncio.Event``) to
     hold every edit until it is set; ``fail_edits`` (a count) makes that many edits raise
-    ``EditFailed``; ``in_flight_max`` is the most edits ever awaiting at once.
+    ``EditFailed``; ``in_flight_max`` is the most edits ever awaiting at once. ``moderate(id)``
+    deletes a message as a moderator would: it leaves ``parts``, and every later edit or
+    delete of it raises ``MessageGone`` (recorded as "edit-gone" / "delete-gone").
     """
 
     _ids = itertools.count(10**15)  # shared: ids never repeat across channels
@@ -235,6 +263,12 @@ class RecordingChannel:
         self.gate: asyncio.Event | None = None
         self.fail_edits = 0
         self.in_flight = self.in_flight_max = 0
+        self.gone: set[int] = set()  # deleted by a moderator
+
+    def moderate(self, message_id: int) -> None:
+        """A moderator deletes message ``message_id``."""
+        del self.messages[message_id]
+        self.gone.add(message_id)
 
     @property
     def parts(self) -> list[str]:
@@ -264,6 +298,9 @@ class RecordingChannel:
 
     async def edit(self, message_id: int, text: str, *, last: bool = False) -> None:
         self._check(text)
+        if message_id in self.gone:
+            self.calls.append(("edit-gone", message_id, text, False, last, self.clock()))
+            raise MessageGone("404 Unknown Message")
         assert message_id in self.messages, "edit of a message that is not there"
         self.in_flight += 1
         self.in_flight_max = max(self.in_flight_max, self.in_flight)
@@ -282,6 +319,9 @@ class RecordingChannel:
             self.controls.append(message_id)
 
     async def delete(self, message_id: int) -> None:
+        if message_id in self.gone:
+            self.calls.append(("delete-gone", message_id, "", False, False, self.clock()))
+            raise MessageGone("404 Unknown Message")
         assert message_id in self.messages, "delete of a message that is not there"
         del self.messages[message_id]
         self.calls.append(("delete", message_id, "", False, False, self.clock()))

@@ -28,7 +28,15 @@ from bot.console import ConsoleChannel, EchoEngine
 from bot.context import Turn
 from bot.core import ChatOutcome, Core
 from bot.engine import EngineError, GenerationRequest, GenerationResult
-from bot.replies import DISCORD_LIMIT, POLITE_FAILURE, ReplyStream, split_reply
+from bot.replies import (
+    DISCORD_LIMIT,
+    INTERRUPTED,
+    POLITE_FAILURE,
+    EditFailed,
+    MessageGone,
+    ReplyStream,
+    split_reply,
+)
 from bot.ui import DiscordReply
 from storage.times import utc_now
 from tests.fakes import (
@@ -410,9 +418,15 @@ def _http_error(status: int = 429) -> discord.HTTPException:
                                  "rate limited")
 
 
+def _not_found() -> discord.NotFound:
+    return discord.NotFound(SimpleNamespace(status=404, reason="Not Found"),
+                            {"code": 10008, "message": "Unknown Message"})
+
+
 def _fake_discord(*, guild: bool = True) -> tuple[Any, list[tuple[str, int, Any]]]:
     """A member's message to reply to; every call on the bot's messages lands in ``log`` as
-    (op, message id, content or emoji). ``fail`` on the channel: edits to refuse."""
+    (op, message id, content or emoji). ``fail`` on the channel: edits to refuse; ``gone``:
+    the ids of messages a moderator deleted (their edits and deletes: 404 Unknown Message)."""
     log: list[tuple[str, int, Any]] = []
     ids = iter(range(5000, 6000))
 
@@ -424,6 +438,9 @@ def _fake_discord(*, guild: bool = True) -> tuple[Any, list[tuple[str, int, Any]
 
         async def edit(self, *, content: str, allowed_mentions: Any, view: Any = None) -> Any:
             assert allowed_mentions is not None
+            if self.id in channel.gone:
+                log.append(("edit-404", self.id, content))
+                raise _not_found()
             if channel.fail > 0:
                 channel.fail -= 1
                 log.append(("edit-failed", self.id, content))
@@ -436,6 +453,9 @@ def _fake_discord(*, guild: bool = True) -> tuple[Any, list[tuple[str, int, Any]
             log.append(("react", self.id, emoji))
 
         async def delete(self) -> None:
+            if self.id in channel.gone:
+                log.append(("delete-404", self.id, None))
+                raise _not_found()
             log.append(("delete", self.id, None))
 
     class Typing:
@@ -448,6 +468,9 @@ def _fake_discord(*, guild: bool = True) -> tuple[Any, list[tuple[str, int, Any]
     class Channel:
         id = 77
         fail = 0
+
+        def __init__(self) -> None:
+            self.gone: set[int] = set()
 
         def typing(self) -> Typing:
             return Typing()
@@ -502,11 +525,11 @@ async def test_discord_reply_survives_refused_edits(tmp_path: Path,
 
     async def pause(partial: str) -> None:
         clock.advance(1.0)
+        await settle()
         if partial.endswith("w2"):
             request.channel.fail = 1  # a streamed edit refused: logged, streaming goes on
         if partial.endswith("w11"):
             request.channel.fail = 2  # the final edit and its retry refused
-        await settle()
     engine.pause = pause
     out = await _chat(Core(s), DiscordReply(request, "buttons"))
     ops = [op for op, *_ in log]
@@ -616,3 +639,379 @@ async def test_console_streams_long_replies_part_by_part(tmp_path: Path) -> None
 
 def test_word_prefixes() -> None:
     assert word_prefixes("  a  bc\nd ") == ["  a", "  a  bc", "  a  bc\nd"]
+
+
+# -- a reply a moderator deleted while it streamed --------------------------------------------------
+
+
+async def test_a_reply_deleted_by_a_moderator_mid_stream_is_not_posted_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Discord answers 404 Unknown Message to every edit of a deleted message: the stream
+    stops there, sends nothing anew, adds no controls, and the reply is not logged."""
+    caplog.set_level(logging.INFO, logger="bot.replies")
+    clock = FakeClock()
+    text = " ".join(f"w{i}" for i in range(12))
+    engine = FakeEngine(text)
+    s = _services(tmp_path, engine, clock)
+    request, log = _fake_discord()
+
+    async def pause(partial: str) -> None:
+        clock.advance(1.0)
+        if partial.endswith("w3"):
+            request.channel.gone.add(log[-1][1])  # the moderator deletes the reply
+        await settle()
+    engine.pause = pause
+    out = await _chat(Core(s), DiscordReply(request, "reactions"))
+    ops = [op for op, *_ in log]
+    assert ops.count("send") == 1 and "send+view" not in ops  # never posted again
+    assert ops.count("edit-404") == 1  # streaming stopped at the first 404
+    assert ops[-1] == "edit-404" and "react" not in ops and "edit+view" not in ops
+    assert out.reply_ids == [] and out.feedback_message_id is None and not out.logged
+    assert s.store.guild_stats(G)["interactions"] == 0  # kept out of the training data
+    gone = [r for r in caplog.records if "withdrawn" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO
+    s.store.close()
+
+
+async def test_a_part_deleted_by_a_moderator_withdraws_the_whole_reply(tmp_path: Path) -> None:
+    clock = FakeClock()
+    text = " ".join(f"w{i}" for i in range(1000))  # three parts
+    engine = FakeEngine(text)
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+
+    async def pause(partial: str) -> None:
+        clock.advance(1.0)
+        await settle()
+        if partial.endswith("w600") and not ch.gone:
+            ch.moderate(list(ch.messages)[-1])  # the second part, streaming now
+    engine.pause = pause
+    out = await _chat(Core(s), ch)
+    ops = [c[0] for c in ch.calls]
+    assert ops.count("send") == 2 and ops.count("edit-gone") == 1
+    assert ch.parts == [] and ops[-1] == "delete"  # the first part went too
+    assert ch.controls == [] and out.reply_ids == [] and not out.logged
+    assert s.store.guild_stats(G)["interactions"] == 0
+    s.store.close()
+
+
+async def test_a_reply_deleted_before_its_final_edit_is_not_sent_anew(tmp_path: Path) -> None:
+    clock = FakeClock()
+    text = " ".join(f"w{i}" for i in range(12))
+    engine = FakeEngine(text)
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+
+    async def pause(partial: str) -> None:
+        clock.advance(0.5)
+        await settle()
+        if partial == text:
+            ch.moderate(next(iter(ch.messages)))
+    engine.pause = pause
+    out = await _chat(Core(s), ch)
+    ops = [c[0] for c in ch.calls]
+    assert ops.count("send") == 1 and ops[-1] == "edit-gone"  # not retried, not re-sent
+    assert ch.calls[-1][4]  # it was the final edit (the one with the controls)
+    assert ch.parts == [] and ch.controls == [] and out.reply_ids == [] and not out.logged
+    assert s.store.guild_stats(G)["interactions"] == 0
+    s.store.close()
+
+
+async def test_an_engine_error_after_a_moderator_deleted_the_reply_sends_no_notice(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    engine = FakeEngine(" ".join(f"w{i}" for i in range(12)))
+    ch = RecordingChannel(clock)
+
+    async def pause(partial: str) -> None:
+        clock.advance(1.0)
+        await settle()
+        if partial.endswith("w3"):
+            ch.moderate(next(iter(ch.messages)))
+        if partial.endswith("w6"):
+            raise EngineError("CUDA out of memory")
+    engine.pause = pause
+    s = _services(tmp_path, engine, clock)
+    with pytest.raises(EngineError):
+        await _chat(Core(s), ch)
+    assert ch.parts == [] and [c[0] for c in ch.calls].count("send") == 1  # no POLITE_FAILURE
+    s.store.close()
+
+
+async def test_discord_reply_tells_a_deleted_message_from_a_refused_edit() -> None:
+    request, _ = _fake_discord()
+    reply = DiscordReply(request, "buttons")
+    a = await reply.send("one", first=True, last=False)
+    b = await reply.send("two", first=False, last=False)
+    request.channel.fail = 1
+    with pytest.raises(EditFailed) as refused:
+        await reply.edit(a, "one more")
+    assert not isinstance(refused.value, MessageGone)  # a 429: retried, then sent anew
+    request.channel.gone |= {a, b}
+    with pytest.raises(MessageGone):
+        await reply.edit(a, "one more")
+    with pytest.raises(MessageGone):
+        await reply.delete(b)
+
+
+async def test_a_leftover_part_deleted_already_is_no_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``finish`` deletes a streamed part the final reply no longer has: gone already is fine
+    (no warning), and the reply is not withdrawn over it."""
+    caplog.set_level(logging.DEBUG, logger="bot.replies")
+    clock = FakeClock()
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    stream.update(" ".join(f"w{i}" for i in range(600)))  # two parts
+    await settle()
+    assert len(ch.parts) == 2
+    ch.moderate(list(ch.messages)[1])
+    ids = await stream.finish(["short now"])
+    assert ch.parts == ["short now"] and ch.controls == ids and not stream.withdrawn
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- a chat cancelled mid-stream (the bot shuts down) ----------------------------------------------
+
+
+def _gated_engine(clock: FakeClock, text: str, stop_after: str) -> tuple[FakeEngine,
+                                                                          asyncio.Event]:
+    """Streams ``text`` a word a second, then hangs after the word ``stop_after`` (once its
+    round is done): the event returned is set when it hangs."""
+    engine = FakeEngine(text)
+    hung = asyncio.Event()
+
+    async def pause(partial: str) -> None:
+        clock.advance(1.0)
+        await settle()
+        if partial.endswith(stop_after):
+            hung.set()
+            await asyncio.Event().wait()  # until cancelled
+    engine.pause = pause
+    return engine, hung
+
+
+async def test_cancelling_a_chat_mid_stream_leaves_a_notice(tmp_path: Path) -> None:
+    clock = FakeClock()
+    engine, hung = _gated_engine(clock, " ".join(f"w{i}" for i in range(1000)), "w700")
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+    task = asyncio.create_task(_chat(Core(s), ch))
+    await hung.wait()
+    assert len(ch.parts) == 2  # two messages of half reply shown
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ch.parts == [INTERRUPTED] and ch.controls == []  # one notice, nothing to rate
+    assert s.store.guild_stats(G)["interactions"] == 0
+    s.store.close()
+
+
+async def test_cancelling_a_chat_before_any_text_sends_nothing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    engine = FakeEngine("a b c")
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def generate(req: GenerationRequest, on_text: Any = None) -> GenerationResult:
+        started.set()
+        await gate.wait()
+        raise AssertionError("cancelled before")
+    engine.generate = generate  # type: ignore[method-assign]
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+    task = asyncio.create_task(_chat(Core(s), ch))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ch.calls == [] and ch.typing_calls == ["start", "stop after 0 calls"]
+    s.store.close()
+
+
+async def test_a_cancelled_chat_does_not_wait_on_a_hung_discord(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notice is bounded by ``interrupt_timeout_s`` (0 here: no real time passes); past
+    it the cancel goes on and the notice lands whenever Discord answers."""
+    monkeypatch.setattr(ReplyStream, "interrupt_timeout_s", 0.0)
+    clock = FakeClock()
+    engine, hung = _gated_engine(clock, " ".join(f"w{i}" for i in range(12)), "w4")
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+    task = asyncio.create_task(_chat(Core(s), ch))
+    await hung.wait()
+    ch.gate = asyncio.Event()  # Discord hangs from now on
+    task.cancel()
+    await settle()
+    assert task.cancelled()  # the chat did not wait for Discord
+    assert ch.parts == ["w0 w1 w2 w3 w4"]
+    ch.gate.set()  # Discord answers: the shielded notice lands
+    await settle()
+    assert ch.parts == [INTERRUPTED] and ch.controls == []
+    s.store.close()
+
+
+async def test_interrupt_waits_for_the_round_in_flight_then_shows_the_notice() -> None:
+    clock = FakeClock()
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    stream.update("one")
+    await settle()
+    clock.advance(1.0)
+    ch.gate = asyncio.Event()
+    stream.update("one two")  # an edit in flight: it is not cancelled half done
+    await settle()
+    job = asyncio.create_task(stream.interrupt())
+    await settle()
+    assert not job.done() and ch.parts == ["one"]
+    ch.gate.set()
+    await job
+    assert [c[2] for c in ch.calls] == ["one", "one two", INTERRUPTED]
+    assert ch.parts == [INTERRUPTED]
+
+
+# -- a pending text is shown when the interval is up, updates or not ---------------------------------
+
+
+TimerClock = FakeClock  # (its call_later timers fire on advance)
+
+
+async def test_a_pending_text_is_shown_when_updates_stop() -> None:
+    """An engine row finished but its batch goes on: no more ``update``; the text held back
+    by the throttle is shown once the interval is up, not at ``finish``."""
+    clock = TimerClock()
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    stream.update("Hello")
+    await settle()
+    clock.advance(0.5)
+    stream.update("Hello, here is the whole")
+    stream.update("Hello, here is the whole answer")
+    await settle()
+    assert ch.parts == ["Hello"] and len(clock.pending) == 1  # one flush, 0.5 s away
+    assert clock.pending[0].when == clock.t + 0.5
+    clock.advance(0.4)
+    await settle()
+    assert ch.parts == ["Hello"]  # the throttle still holds
+    clock.advance(0.1)
+    await settle()
+    assert ch.parts == ["Hello, here is the whole answer"] and not clock.pending
+    assert [c[5] - ch.calls[0][5] for c in ch.calls] == [0.0, 1.0]
+
+
+async def test_a_text_arriving_during_a_round_is_flushed_after_it() -> None:
+    clock = TimerClock()
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    stream.update("a")
+    await settle()
+    clock.advance(1.0)
+    ch.gate = asyncio.Event()
+    stream.update("a b")  # the edit hangs
+    await settle()
+    stream.update("a b c")  # meanwhile: pending, no flush while a round is in flight
+    await settle()
+    assert not clock.pending
+    clock.advance(0.25)
+    ch.gate.set()
+    await settle()
+    assert ch.parts == ["a b"] and len(clock.pending) == 1  # due 1 s after that round began
+    clock.advance(0.75)
+    await settle()
+    assert ch.parts == ["a b c"]
+
+
+async def test_the_flush_is_cancelled_by_finish_abort_and_interrupt() -> None:
+    for end in ("finish", "abort", "interrupt", "cancel"):
+        clock = TimerClock()
+        ch = RecordingChannel(clock)
+        stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+        stream.update("a")
+        await settle()
+        clock.advance(0.5)
+        stream.update("a b")
+        await settle()
+        (timer,) = clock.pending
+        if end == "finish":
+            await stream.finish(["a b c"])
+        elif end == "abort":
+            await stream.abort()
+        elif end == "interrupt":
+            await stream.interrupt()
+        else:
+            stream.cancel()
+        assert timer.cancelled, end
+        clock.advance(5.0)
+        await settle()
+        assert len(ch.calls) == (1 if end == "cancel" else 2), (end, ch.calls)
+
+
+async def test_a_flush_that_fires_early_is_scheduled_again() -> None:
+    """The default timer runs on the event loop's clock, the throttle on ``clock``: a flush
+    that finds the interval not up yet (the clocks drift) schedules itself for the rest."""
+    clock = FakeClock()
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(delay: float, callback: Callable[[], None]) -> Any:
+        scheduled.append((delay, callback))
+        return SimpleNamespace(cancel=lambda: None)
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0, call_later=call_later)
+    stream.update("a")
+    await settle()
+    clock.advance(0.25)
+    stream.update("a b")
+    assert [d for d, _ in scheduled] == [0.75]
+    clock.advance(0.5)
+    scheduled[0][1]()  # fires 0.25 s early by ``clock``
+    await settle()
+    assert ch.parts == ["a"] and [d for d, _ in scheduled] == [0.75, 0.25]
+    clock.advance(0.25)
+    scheduled[1][1]()
+    await settle()
+    assert ch.parts == ["a b"] and len(scheduled) == 2
+
+
+async def test_the_flush_uses_the_event_loop_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[float, Callable[[], None]]] = []
+    monkeypatch.setattr(loop, "call_later", lambda d, cb: calls.append((d, cb)) or
+                        SimpleNamespace(cancel=lambda: None))
+    now = [1_000_000.0]
+
+    def clock() -> float:  # no call_later of its own: production's time.time has none either
+        return now[0]
+
+    ch = RecordingChannel(clock)
+    stream = ReplyStream(ch, clock=clock, edit_interval_s=2.0)
+    stream.update("a")
+    await settle()
+    now[0] += 0.5
+    stream.update("a b")
+    assert [d for d, _ in calls] == [1.5]
+    now[0] += 1.5
+    calls[0][1]()
+    await settle()
+    assert ch.parts == ["a b"]
+
+
+async def test_core_shows_the_last_text_while_the_batch_goes_on(tmp_path: Path) -> None:
+    """Through ``Core.chat``: the stream schedules on the services' clock (a TimerClock)."""
+    clock = TimerClock()
+    text = " ".join(f"w{i}" for i in range(9))
+    engine = FakeEngine(text)
+    seen: list[list[str]] = []
+
+    async def pause(partial: str) -> None:
+        clock.advance(0.3)
+        await settle()
+        if partial == text:  # the row is done; the batch runs 5 s more without on_text
+            clock.advance(5.0)
+            await settle()
+            seen.append(ch.parts)
+    engine.pause = pause
+    s = _services(tmp_path, engine, clock)
+    ch = RecordingChannel(clock)
+    out = await _chat(Core(s), ch)
+    assert seen == [[text]]  # shown before the result came
+    _assert_final(ch, out, text)
+    s.store.close()
