@@ -192,13 +192,20 @@ def smollm2_checkpoint(cache_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(src.state_dict())
         model.generation_config = src.generation_config
-        staging = Path(tmp) / "ckpt"
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        os.replace(staging, ckpt)
+        _save_checkpoint(model, tok, ckpt, Path(tmp))
     return ckpt
+
+
+def _save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, ckpt: Path,
+                     tmp: Path) -> None:
+    """Write model and tokenizer to ``ckpt`` whole or not at all (staged in ``tmp``, on the
+    same file system, then renamed): a crash never leaves half a checkpoint to be loaded."""
+    staging = tmp / "ckpt"
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    os.replace(staging, ckpt)
 
 
 def _checkpoint_id(path: Path) -> str:
@@ -266,12 +273,7 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path |
             model, tok = build_tiny_model()
             models_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
-                staging = Path(tmp) / "ckpt"
-                model.save_pretrained(staging)
-                tok.save_pretrained(staging)
-                if ckpt.exists():
-                    shutil.rmtree(ckpt)
-                os.replace(staging, ckpt)
+                _save_checkpoint(model, tok, ckpt, Path(tmp))
         return ckpt, TINY_BASE_ID
     if name == SMOLLM2:
         path = smollm2_checkpoint(models_dir)

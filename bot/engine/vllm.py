@@ -25,13 +25,14 @@ requests that found it missing, and retries; if it cannot be reloaded, the base 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,19 +165,20 @@ class VllmEngine(Engine):
         except _HttpError as exc:
             raise error(str(exc)) from None
 
-    async def _raw(self, method: str, route: str, payload: dict[str, Any] | None,
-                   what: str) -> str:
-        """The body of a successful response; _HttpError (status, one line) for an error
-        answer; EngineError when the server cannot be reached or is too slow."""
+    @contextlib.asynccontextmanager
+    async def _response(self, method: str, route: str, payload: dict[str, Any] | None,
+                        what: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A successful response, open; _HttpError (status, one line) for an error answer;
+        EngineError when the server cannot be reached or is too slow, also mid-body."""
         if self._session is None:
             raise EngineError("engine is not running (call start() first, or it was closed)")
         try:
             async with self._session.request(method, self._url + route, json=payload) as resp:
-                body = await resp.text()
                 if resp.status >= 400:
                     raise _HttpError(resp.status, self._where(
-                        f"{what} failed with HTTP {resp.status}: {_server_message(body)}"))
-                return body
+                        f"{what} failed with HTTP {resp.status}: "
+                        f"{_server_message(await resp.text())}"))
+                yield resp
         except TimeoutError:
             raise EngineError(self._where(f"{what} timed out after "
                                           f"{self._timeout.total:.0f} s")) from None
@@ -185,54 +187,46 @@ class VllmEngine(Engine):
                                           f"{' '.join(str(exc).split()) or type(exc).__name__}")
                               ) from None
 
+    async def _raw(self, method: str, route: str, payload: dict[str, Any] | None,
+                   what: str) -> str:
+        """The body of a successful response (errors as ``_response``)."""
+        async with self._response(method, route, payload, what) as resp:
+            return await resp.text()
+
     async def _stream(self, payload: dict[str, Any], what: str, on_text: OnText
                       ) -> tuple[str, dict[str, Any]]:
         """POST a streamed completion; returns (text, usage), calling ``on_text`` as it grows."""
-        if self._session is None:
-            raise EngineError("engine is not running (call start() first, or it was closed)")
         text, usage, done = "", {}, False
-        try:
-            async with self._session.post(self._url + "/v1/completions", json=payload) as resp:
-                if resp.status >= 400:
-                    raise _HttpError(resp.status, self._where(
-                        f"{what} failed with HTTP {resp.status}: "
-                        f"{_server_message(await resp.text())}"))
-                async for raw in resp.content:  # server-sent events, one "data: ..." per line
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
+        async with self._response("POST", "/v1/completions", payload, what) as resp:
+            async for raw in resp.content:  # server-sent events, one "data: ..." per line
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    chunk = None
+                if not isinstance(chunk, dict):
+                    raise EngineError(self._where(f"{what}: unreadable stream event "
+                                                  f"{data[:80]!r}"))
+                if "error" in chunk:  # the server failed mid-generation
+                    raise EngineError(self._where(f"{what} failed while streaming: "
+                                                  f"{_server_message(data)}"))
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                delta = "".join(str(c.get("text") or "") for c in chunk.get("choices") or [])
+                if delta:
+                    text += delta
                     try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        chunk = None
-                    if not isinstance(chunk, dict):
-                        raise EngineError(self._where(f"{what}: unreadable stream event "
-                                                      f"{data[:80]!r}"))
-                    if "error" in chunk:  # the server failed mid-generation
-                        raise EngineError(self._where(f"{what} failed while streaming: "
-                                                      f"{_server_message(data)}"))
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    delta = "".join(str(c.get("text") or "") for c in chunk.get("choices") or [])
-                    if delta:
-                        text += delta
-                        try:
-                            on_text(text)
-                        except Exception:
-                            log.exception("on_text callback failed")
-                if not done:  # cut off: a partial reply must not pass for a whole one
-                    raise EngineError(self._where(f"{what}: the stream ended before [DONE]"))
-        except TimeoutError:
-            raise EngineError(self._where(f"{what} timed out after "
-                                          f"{self._timeout.total:.0f} s")) from None
-        except aiohttp.ClientError as exc:
-            raise EngineError(self._where(f"{what} failed: "
-                                          f"{' '.join(str(exc).split()) or type(exc).__name__}")
-                              ) from None
+                        on_text(text)
+                    except Exception:
+                        log.exception("on_text callback failed")
+        if not done:  # cut off: a partial reply must not pass for a whole one
+            raise EngineError(self._where(f"{what}: the stream ended before [DONE]"))
         return text, usage
 
     # -- generation -----------------------------------------------------------------------------
