@@ -470,3 +470,155 @@ async def test_swap_time_on_the_model_thread_is_reported(make_engine, factory) -
     eng.last_control_ms = -1.0
     await eng.activate(10, 2, factory.make(10, 2))
     assert eng.last_control_ms >= 0.0
+
+
+# -- continuous batching: requests and adapter changes between decode steps ---------------------
+
+class StepGate:
+    """The engine's step hook: logs (step, rows running, active versions) after every decode
+    step and holds the model thread at the given steps until the test has queued what should
+    arrive there (no sleeps: the arrival step is exact). Steps count from the gate's creation:
+    step 1 is the first decode step after it."""
+
+    def __init__(self, eng: LocalEngine, *steps: int) -> None:
+        self.eng = eng
+        self.base = eng.steps_run
+        self.log: list[tuple[int, int, dict[int, int]]] = []
+        self.reached = {s: threading.Event() for s in steps}
+        self.go = {s: threading.Event() for s in steps}
+        eng.step_hook = self
+
+    def __call__(self, step: int) -> None:  # model thread
+        step -= self.base
+        if step <= 0:  # the hook of the step that answered the test's previous request
+            return
+        self.log.append((step, self.eng.rows_running, self.eng.active_versions()))
+        if step in self.reached:
+            self.reached[step].set()
+            self.go[step].wait(60)
+
+    async def at(self, step: int, *starts) -> list[asyncio.Future]:
+        """Once the model thread is held at ``step``, start each coroutine (``starts``: callables
+        returning one) and wait until its item is queued, in order; then let the thread go on."""
+        try:
+            assert await asyncio.to_thread(self.reached[step].wait, 60), \
+                f"decode step {step} never ran"
+            tasks = []
+            for start in starts:
+                before = self.eng._queue.qsize()
+                task = asyncio.ensure_future(start())
+                while self.eng._queue.qsize() == before and not task.done():
+                    await asyncio.sleep(0.001)  # waits for the item to be queued; no timing
+                tasks.append(task)
+            return tasks
+        finally:
+            self.go[step].set()
+
+
+def finish_order(order: list[str], name: str, fut: asyncio.Future) -> asyncio.Future:
+    fut.add_done_callback(lambda _: order.append(name))  # in the order the model thread sent
+    return fut
+
+
+def same(a, b) -> bool:
+    return dataclasses.replace(a, latency_ms=0.0) == dataclasses.replace(b, latency_ms=0.0)
+
+
+async def test_requests_join_a_running_batch_between_steps_and_equal_their_solo_output(
+        make_engine, factory: AdapterFactory) -> None:
+    eng = await make_engine(max_new_tokens=40)
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(2, 1, factory.make(2, 1))
+    long = req(1)  # 40 tokens: no end-of-sequence before max_new
+    # Joins at step 3 with a prompt wider than the running cache (the running row gets padded),
+    # then two with narrower prompts at step 5 (they get padded), one of them seeded sampling.
+    wide = req(2, "a much longer message, wider than what the batch holds so far. " * 2,
+               max_new_tokens=6)
+    short = req(2, "hi", max_new_tokens=4)
+    seeded = req(1, "what is new", temperature=0.9, top_p=0.9, seed=11, max_new_tokens=8)
+    solo = [await eng.generate(r) for r in (long, wide, short, seeded)]
+    assert solo[0].tokens_out == 40 and all(generated(r.text) for r in solo), solo
+
+    gate = StepGate(eng, 3, 5)
+    order: list[str] = []
+    batches = eng.batches_run
+    t_long = finish_order(order, "long", asyncio.ensure_future(eng.generate(long)))
+    (t_wide,) = await gate.at(3, lambda: eng.generate(wide))
+    t_short, t_seeded = await gate.at(5, lambda: eng.generate(short),
+                                      lambda: eng.generate(seeded))
+    for name, t in (("wide", t_wide), ("short", t_short), ("seeded", t_seeded)):
+        finish_order(order, name, t)
+    together = await asyncio.gather(t_long, t_wide, t_short, t_seeded)
+    await asyncio.sleep(0)  # the done callbacks
+    assert all(same(a, b) for a, b in zip(together, solo)), (together, solo)
+    assert order[-1] == "long" and len(order) == 4, order  # the short ones did not wait for it
+    assert eng.batches_run == batches + 3  # three admissions into one running batch
+    assert max(n for _, n, _ in gate.log) == 4  # all four decoded in the same steps
+
+
+async def test_swap_runs_between_steps_and_waits_only_for_its_own_guilds_rows(
+        make_engine, factory: AdapterFactory) -> None:
+    a1, a2, b1, b2 = (factory.make(1, 1), factory.make(1, 2), factory.make(3, 1),
+                      factory.make(3, 2))
+    fresh = await make_engine(max_new_tokens=40)
+    await fresh.activate(1, 2, a2)
+    await fresh.activate(3, 2, b2)
+    a_v2 = await fresh.generate(req(1, "hi", max_new_tokens=6))
+    b_v2 = await fresh.generate(req(3, "hi", max_new_tokens=6))
+    eng = await make_engine(max_new_tokens=40)
+    await eng.activate(1, 1, a1)
+    await eng.activate(3, 1, b1)
+    a_v1 = await eng.generate(req(1))
+    assert a_v1.tokens_out == 40 and a_v1.text not in (a_v2.text, b_v2.text)
+
+    gate = StepGate(eng, 3)
+    order: list[str] = []
+    t_long = finish_order(order, "long", asyncio.ensure_future(eng.generate(req(1))))
+    # At step 3, in this order: guild 1's swap (its row is running), a guild 1 request after it,
+    # guild 3's swap (no row of it running) and a guild 3 request after that.
+    swap_a, after_a, swap_b, after_b = await gate.at(
+        3, lambda: eng.activate(1, 2, a2), lambda: eng.generate(req(1, "hi", max_new_tokens=6)),
+        lambda: eng.activate(3, 2, b2), lambda: eng.generate(req(3, "hi", max_new_tokens=6)))
+    finish_order(order, "after_a", after_a)
+    finish_order(order, "after_b", after_b)
+    long_res, res_a, res_b, *_ = await asyncio.gather(t_long, after_a, after_b, swap_a, swap_b)
+    await asyncio.sleep(0)
+    # The running row finished on the weights it started with; the swap waited for it.
+    assert (long_res.text, long_res.adapter_version) == (a_v1.text, 1)
+    assert [v for s, _, v in gate.log if s <= 3] == [{1: 1, 3: 1}] * 3
+    # Guild 3's swap ran at the next step boundary, while guild 1's row kept decoding.
+    assert gate.log[3][:1] == (4,) and gate.log[3][2] == {1: 1, 3: 2}
+    assert all(v[1] == 1 for s, _, v in gate.log if s <= 39)  # guild 1's row ends at step 39
+    assert (res_b.text, res_b.adapter_version) == (b_v2.text, 2)
+    assert (res_a.text, res_a.adapter_version) == (a_v2.text, 2)
+    assert order.index("after_b") < order.index("long") < order.index("after_a"), order
+    assert eng.active_versions() == {1: 2, 3: 2}
+
+
+async def test_a_load_that_would_evict_a_running_adapter_waits_for_the_running_rows(
+        make_engine, factory: AdapterFactory) -> None:
+    eng = await make_engine(max_new_tokens=40, max_resident_adapters=1)
+    await eng.activate(1, 1, factory.make(1, 1))
+    long = await eng.generate(req(1))
+    gate = StepGate(eng, 3)
+    t_long = asyncio.ensure_future(eng.generate(req(1)))
+    (load,) = await gate.at(3, lambda: eng.activate(3, 1, factory.make(3, 1)))
+    res = await t_long
+    await load
+    assert same(res, long)  # guild 1's adapter stayed loaded under its row
+    assert all(v == {1: 1} for _, _, v in gate.log)  # the load ran after the last step
+    assert eng.resident_guilds() == [3] and eng.active_versions() == {1: 1, 3: 1}
+
+
+async def test_running_rows_never_exceed_max_batch_size(make_engine,
+                                                        factory: AdapterFactory) -> None:
+    eng = await make_engine(max_new_tokens=10, max_batch_size=2)
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(2, 1, factory.make(2, 1))
+    cases = [(1, "hello there, how are you"), (2, "what is new"), (None, "yo"), (1, "hi"),
+             (2, "a much longer message to force some left padding in the batch")]
+    solo = [await eng.generate(req(g, t)) for g, t in cases]
+    gate = StepGate(eng)
+    together = await asyncio.gather(*(eng.generate(req(g, t)) for g, t in cases))
+    assert all(same(a, b) for a, b in zip(together, solo))
+    assert max(n for _, n, _ in gate.log) == 2
