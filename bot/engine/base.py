@@ -12,8 +12,12 @@ import abc
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guildtune.adapter_dir import AdapterError
+
+if TYPE_CHECKING:
+    from guildtune.config import ModelConfig
 
 __all__ = ["BASE_ADAPTER", "FALLBACK_TEXT", "AdapterError", "Engine", "EngineError",
            "GenerationRequest", "GenerationResult", "OnText", "adapter_name"]
@@ -33,6 +37,15 @@ class GenerationRequest:
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+
+    def settings(self, cfg: ModelConfig) -> tuple[int, float, float, float]:
+        """(max_new_tokens, temperature, top_p, repetition_penalty): the request's own where
+        it sets them, else the config's; every engine reads them here."""
+        return (self.max_new_tokens if self.max_new_tokens is not None else cfg.max_new_tokens,
+                self.temperature if self.temperature is not None else cfg.temperature,
+                self.top_p if self.top_p is not None else cfg.top_p,
+                self.repetition_penalty if self.repetition_penalty is not None
+                else cfg.repetition_penalty)
 
 
 @dataclass(frozen=True)

@@ -526,21 +526,13 @@ class LocalEngine(Engine):
             self.last_control_ms = (time.perf_counter() - t0) * 1000
             _resolve(item.loop, item.fut, value)
 
-    def _settings(self, req: GenerationRequest) -> tuple[int, float, float, float]:
-        c = self._cfg
-        return (req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens,
-                req.temperature if req.temperature is not None else c.temperature,
-                req.top_p if req.top_p is not None else c.top_p,
-                req.repetition_penalty if req.repetition_penalty is not None
-                else c.repetition_penalty)
-
     def _run_batch(self, items: list[_GenItem]) -> None:
         items = [it for it in items if not it.fut.done()]
         needed = {it.req.guild_id for it in items if self._slots.wants(it.req.guild_id)}
         rows: list[_Row] = []
         for it in items:
             try:
-                max_new, temp, top_p, rep = self._settings(it.req)
+                max_new, temp, top_p, rep = it.req.settings(self._cfg)
                 ids = self.prompt_ids(it.req.messages, max_new)
                 name, version = self._slots.serving(it.req.guild_id, needed)
             except Exception as exc:
@@ -876,7 +868,7 @@ class _StepLoop:
         new: list[_Live] = []
         for _, it in take:
             try:
-                max_new, temp, top_p, rep = eng._settings(it.req)
+                max_new, temp, top_p, rep = it.req.settings(eng._cfg)
                 if max_new < 1:
                     raise ValueError("max_new_tokens must be at least 1")
                 ids = eng.prompt_ids(it.req.messages, max_new)

@@ -231,13 +231,6 @@ class VllmEngine(Engine):
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _settings(self, req: GenerationRequest) -> tuple[int, float, float, float]:
-        c = self._cfg
-        return (req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens,
-                req.temperature if req.temperature is not None else c.temperature,
-                req.top_p if req.top_p is not None else c.top_p,
-                req.repetition_penalty if req.repetition_penalty is not None
-                else c.repetition_penalty)
 
     def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
         """The prompt's token ids within the budget, by the local engine's rule."""
@@ -253,7 +246,7 @@ class VllmEngine(Engine):
                        ) -> GenerationResult:
         """POST /v1/completions (the rendered prompt ids) with the guild's adapter name."""
         t0 = time.perf_counter()
-        max_new, temp, top_p, rep = self._settings(req)
+        max_new, temp, top_p, rep = req.settings(self._cfg)
         ids = await asyncio.to_thread(self.prompt_ids, req.messages, max_new)
         cur = self._current.get(req.guild_id) if req.guild_id is not None else None
         payload: dict[str, Any] = {
