@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine import (FALLBACK_TEXT, AdapterError, EngineError, GenerationRequest, LocalEngine,
-                        create_engine)
+from bot.engine import (
+    FALLBACK_TEXT,
+    AdapterError,
+    EngineError,
+    GenerationRequest,
+    LocalEngine,
+    create_engine,
+)
 from guildtune.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE
 from guildtune.config import ModelConfig
 from guildtune.models import LoadedModel, load_model
@@ -409,7 +415,7 @@ async def test_streaming_is_throttled_per_row(make_engine, factory: AdapterFacto
 
 async def test_hot_swap_uses_prepared_weights_and_equals_a_fresh_load(
         make_engine, factory: AdapterFactory, monkeypatch) -> None:
-    from bot.engine.local import PeftAdapters
+    from bot.engine.peft_adapters import PeftAdapters
 
     def no_files(*a: object, **k: object) -> None:
         raise AssertionError("the model thread read the adapter files")
@@ -432,7 +438,7 @@ async def test_hot_swap_uses_prepared_weights_and_equals_a_fresh_load(
 @pytest.mark.parametrize("spoil", ["missing key", "wrong shape", "extra key"])
 async def test_prepared_weights_that_do_not_fit_fall_back_to_peft_hotswap(
         make_engine, factory: AdapterFactory, monkeypatch, spoil: str) -> None:
-    from bot.engine.local import PeftAdapters
+    from bot.engine.peft_adapters import PeftAdapters
 
     real_prepare = PeftAdapters.prepare
 

@@ -2,7 +2,9 @@
 
 - ``base``: the ``Engine`` interface the Cog and the console code against, its request/result
   types and errors;
-- ``local``: ``LocalEngine``, the model in this process (a model thread, micro-batching);
+- ``local``: ``LocalEngine``, the model in this process (a model thread); ``steploop``: its
+  continuous batching; ``peft_adapters``: its peft side (load, prepared hot swap, delete);
+  ``handoff``: what the event loop and the model thread hand each other;
 - ``slots``: ``AdapterSlots``, which adapter version each guild serves and which are loaded
   (LRU, load, hot swap, rebuild on failure), testable without a model;
 - ``vllm``: ``VllmEngine``, a client of a vLLM server;

@@ -6,7 +6,7 @@ adapters resident in the model in least-recently-used order under a cap, load, h
 resident guild's new version, eviction, and the rebuild of a slot when a swap fails. The model
 side is behind ``AdapterBackend`` (load, hot swap from files or from weights prepared off the
 model thread, delete), so the policy is tested
-with a fake and no model (tests/test_engine_slots.py); ``PeftAdapters`` in bot/engine/local.py
+with a fake and no model (tests/test_engine_slots.py); ``PeftAdapters`` in bot/engine/peft_adapters.py
 is the real one.
 
 Not thread-safe: only the model thread calls it, between batches, except ``versions`` and
