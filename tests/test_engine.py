@@ -628,3 +628,137 @@ async def test_running_rows_never_exceed_max_batch_size(make_engine,
     together = await asyncio.gather(*(eng.generate(req(g, t)) for g, t in cases))
     assert all(same(a, b) for a, b in zip(together, solo))
     assert max(n for _, n, _ in gate.log) == 2
+
+
+# -- step loop failure, close and scheduling rules ---------------------------------------------
+
+def nan_adapter(factory: AdapterFactory, guild: int, version: int) -> Path:
+    """An adapter whose output is NaN (a diverged training run)."""
+    from safetensors.torch import load_file, save_file
+
+    p = factory.make(guild, version, name=f"nan{guild}/{version}")
+    w = load_file(str(p / ADAPTER_WEIGHTS))
+    w = {k: (v * float("nan") if "lora_B" in k else v) for k, v in w.items()}
+    save_file(w, str(p / ADAPTER_WEIGHTS))
+    return p
+
+
+async def test_a_rows_nan_logits_fail_only_that_row(make_engine, factory) -> None:
+    eng = await make_engine(max_new_tokens=20, temperature=0.7, top_p=0.9)
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(9, 1, nan_adapter(factory, 9, 1))
+    with pytest.raises(EngineError):
+        await eng.generate(req(9, seed=1))
+    ok = await eng.generate(req(1, temperature=0.0))
+    assert ok.tokens_out == 20
+    gate = StepGate(eng, 3)
+    t_long = asyncio.ensure_future(eng.generate(req(1, temperature=0.0)))
+    (bad,) = await gate.at(3, lambda: eng.generate(req(9, seed=1)))
+    res = await asyncio.gather(t_long, bad, return_exceptions=True)
+    assert isinstance(res[1], EngineError) and "\n" not in str(res[1]), res[1]
+    assert same(res[0], ok), res[0]  # guild 1's row is not failed by guild 9's NaN
+    assert eng.rows_running == 0
+
+
+async def test_a_decode_error_when_a_row_leaves_fails_that_row(make_engine) -> None:
+    eng = await make_engine(max_new_tokens=4)
+
+    class Tok:
+        def __init__(self, t):
+            self._t = t
+
+        def __getattr__(self, name):
+            return getattr(self._t, name)
+
+        def __call__(self, *a, **k):
+            return self._t(*a, **k)
+
+        def decode(self, *a, **k):
+            raise IndexError("piece id is out of range")
+
+    eng._tok = Tok(eng._tok)
+    # wait_for only guards against a hang; the assertion is the error.
+    with pytest.raises(EngineError, match="piece id"):
+        await asyncio.wait_for(eng.generate(req(None)), 60)
+    eng._tok = eng._tok._t
+    assert (await eng.generate(req(None))).tokens_out > 0  # the loop goes on
+
+
+async def test_close_fails_queued_requests_and_lets_running_rows_finish(make_engine,
+                                                                        factory) -> None:
+    eng = await make_engine(max_new_tokens=40, max_batch_size=1)
+    await eng.activate(1, 1, factory.make(1, 1))
+    solo = await eng.generate(req(1))
+    gate = StepGate(eng, 3)
+    t_long = asyncio.ensure_future(eng.generate(req(1)))
+    # At step 3 (no room: max_batch_size 1) two requests and a swap of the running guild
+    # queue, then close() puts the stop marker.
+    *queued, closing = await gate.at(
+        3, lambda: eng.generate(req(1, "hi")), lambda: eng.generate(req(2, "yo")),
+        lambda: eng.activate(1, 2, factory.make(1, 2)), eng.close)
+    await closing
+    assert same(await t_long, solo)  # the running row finished
+    for t in queued:
+        with pytest.raises(EngineError, match="engine closed"):
+            await t
+    assert max(s for s, _, _ in gate.log) == 39  # no step after the running row's last
+    assert eng.active_versions() == {1: 1}
+
+
+async def test_a_cancelled_waiting_request_does_not_hold_its_guilds_swap(make_engine,
+                                                                          factory) -> None:
+    eng = await make_engine(max_new_tokens=40, max_batch_size=1)
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(2, 1, factory.make(2, 1))
+    gate = StepGate(eng, 3, 5)
+    order: list[str] = []
+    t_long = finish_order(order, "long", asyncio.ensure_future(eng.generate(req(2))))
+    (waiting,) = await gate.at(3, lambda: eng.generate(req(1, "hi")))  # no room: it waits
+    waiting.cancel()
+    (act,) = await gate.at(5, lambda: eng.activate(1, 2, factory.make(1, 2)))
+    finish_order(order, "activate", act)
+    await asyncio.gather(t_long, act)
+    await asyncio.sleep(0)
+    assert order == ["activate", "long"], order
+    assert gate.log[5][2] == {1: 2, 2: 1}  # the swap ran before step 6
+
+
+async def test_a_load_into_full_slots_evicting_an_idle_adapter_holds_only_its_guild(
+        make_engine, factory) -> None:
+    eng = await make_engine(max_new_tokens=40, max_resident_adapters=2)
+    await eng.activate(1, 1, factory.make(1, 1))
+    await eng.activate(2, 1, factory.make(2, 1))
+    solo = await eng.generate(req(1))
+    gate = StepGate(eng, 3, 6)
+    order: list[str] = []
+    t_long = finish_order(order, "long", asyncio.ensure_future(eng.generate(req(1))))
+    # Guild 2 serves a short request meanwhile: guild 1, running, is then least recently used.
+    (short,) = await gate.at(3, lambda: eng.generate(req(2, "hi", max_new_tokens=2)))
+    await short
+    assert eng.resident_guilds() == [1, 2]
+    act, base = await gate.at(6, lambda: eng.activate(3, 1, factory.make(3, 1)),
+                              lambda: eng.generate(req(None, "hi", max_new_tokens=2)))
+    finish_order(order, "activate", act)
+    finish_order(order, "base", base)
+    res, *_ = await asyncio.gather(t_long, act, base)
+    await asyncio.sleep(0)
+    assert same(res, solo)  # guild 1's adapter stayed loaded under its row
+    assert order == ["activate", "base", "long"], order
+    assert gate.log[6][2] == {1: 1, 2: 1, 3: 1}  # the load ran before step 7
+    assert sorted(eng.resident_guilds()) == [1, 3]  # the idle guild 2 was evicted
+
+
+async def test_seeded_sampling_in_the_step_loop_equals_hf_generate(make_engine, factory) -> None:
+    eng = await make_engine(max_new_tokens=16)
+    await eng.activate(1, 1, factory.make(1, 1))
+    cases = [req(1, temperature=0.9, top_p=0.9, seed=s) for s in (1, 2, 3)] + \
+        [req(1, "what is new", temperature=1.3, top_p=1.0, seed=4),
+         req(1, "hi", temperature=0.7, top_p=0.5, repetition_penalty=1.3, seed=5)]
+    stepped = [await eng.generate(r) for r in cases]
+    eng.continuous = False  # the micro-batch loop (HF generate) from the next start
+    await eng.close()
+    await eng.start()
+    await eng.activate(1, 1, factory.make(1, 1))
+    hf = [await eng.generate(r) for r in cases]
+    assert all(same(a, b) for a, b in zip(stepped, hf)), (stepped, hf)
+    assert len({r.text for r in stepped}) > 2

@@ -203,8 +203,9 @@ class LocalEngine(Engine):
         self._thread.start()
 
     async def close(self) -> None:
-        """Stop the model thread after the current batch (step loop: once what was queued
-        before has finished) and join it."""
+        """Stop the model thread and join it: the micro-batch loop after its current batch; the
+        step loop once its running rows have finished (requests and controls still queued
+        fail with EngineError)."""
         if self._thread is None:
             return
         self._closed = True

@@ -56,6 +56,9 @@ class AdapterSlots:
         self._wanted: dict[int, tuple[int, Path]] = {}  # guild -> (version, dir) it should serve
         self._resident: OrderedDict[int, int] = OrderedDict()  # guild -> loaded version, LRU
         self._versions: dict[int, int] = {}  # published copy for other threads
+        # Guilds whose adapters no load may evict now (the step loop sets it around a control
+        # to the guilds with running rows).
+        self.pinned: frozenset[int | None] = frozenset()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class AdapterSlots:
 
     def _load(self, guild_id: int, version: int, path: Path,
               protect: Collection[int | None]) -> None:
-        self.trim(protect, room=1)
+        self.trim({*protect, *self.pinned}, room=1)
         t0 = time.perf_counter()
         try:
             self._backend.load(adapter_name(guild_id), path)

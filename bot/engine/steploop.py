@@ -43,6 +43,7 @@ class _Live:
     next_stream: float = 0.0
     streamed: str = ""
     done: bool = False
+    err: EngineError | None = None  # why the row failed (it leaves with this error)
 
     @property
     def guild(self) -> int | None:
@@ -74,9 +75,16 @@ class StepLoop:
     A control for guild g (hot swap, load, deactivate) runs once no row of g runs and no
     request of g that arrived before it waits; requests of g that arrive after it wait for it
     (so a busy guild cannot starve its swap). Rows of other guilds keep decoding meanwhile. A
-    control that may evict another guild's adapter (a load when the slots are full) or whose
-    target is unknown waits until no row runs at all, and holds every later request meanwhile.
-    Requests load evicted adapters on admission with every running guild protected.
+    load into full slots evicts only adapters no running row uses (``AdapterSlots.pinned``);
+    when every other resident adapter serves a running row, or the target is unknown, the
+    control waits until no row runs at all and holds every later request meanwhile. Requests
+    load evicted adapters on admission with every running guild protected. Requests and
+    controls whose caller gave up are dropped between steps (they hold nothing).
+
+    Failures: a row whose logits are NaN or whose sampling or final decode fails gets an
+    EngineError alone; a forward or cache error fails every running row. On close (the stop
+    marker) requests and controls not yet started fail with EngineError("engine closed"); the
+    running rows finish.
     """
 
     @staticmethod
@@ -127,6 +135,7 @@ class StepLoop:
                 if not self.rows:
                     self._unhook()  # before the thread blocks: nothing hooked while idle
                 self._take(block=not busy)
+                self._prune()
                 try:
                     self._run_controls()
                     self._admit()
@@ -137,6 +146,7 @@ class StepLoop:
                     self._unhook()
                     self._fail(self.rows, exc)
                     self.rows, self.cache, self.mask = [], None, None
+                    self.eng.rows_running = 0
         finally:
             self._unhook()
             # Only after an error that escaped the loop: nobody may wait forever.
@@ -176,6 +186,17 @@ class StepLoop:
                 return
             self._put(nxt)
 
+    def _prune(self) -> None:
+        """Drop requests and controls whose caller gave up (they hold nothing any more); once
+        stopping, fail what has not started (the running rows finish)."""
+        self.waiting = [(s, it) for s, it in self.waiting if not it.fut.done()]
+        self.controls = [(s, c) for s, c in self.controls if not c.fut.done()]
+        if self.stopping and (self.waiting or self.controls):
+            err = EngineError("engine closed")
+            for _, item in [*self.waiting, *self.controls]:
+                resolve(item.loop, item.fut, exc=err)
+            self.waiting, self.controls = [], []
+
     def _put(self, item: Any) -> bool:
         if item is STOP:
             self.stopping = True
@@ -198,7 +219,10 @@ class StepLoop:
             # A load into full slots evicts another guild's adapter (so may a failed swap's
             # rebuild when the slots are over their cap).
             full = len(resident) > cap if guild in resident else len(resident) >= cap
-            if full:
+            # It may evict only adapters no running row uses (see _run_controls): it waits for
+            # every row only when each other resident adapter serves a running row.
+            running = {r.guild for r in self.rows}
+            if full and all(g in running for g in resident if g != guild):
                 return None
         return guild
 
@@ -216,7 +240,12 @@ class StepLoop:
                     not any(s < seq and it.req.guild_id == scope for s, it in self.waiting)
             if ok:
                 self._unhook()  # a control may add, swap or delete adapters
-                self.eng._run_control(ctl)
+                slots = self.eng._slots
+                slots.pinned = frozenset(running)  # it must not evict a running row's adapter
+                try:
+                    self.eng._run_control(ctl)
+                finally:
+                    slots.pinned = frozenset()
                 continue
             left.append((seq, ctl))
             if scope is None:
@@ -282,7 +311,9 @@ class StepLoop:
             log.exception("merging %d rows into the batch failed", len(new))
             self._fail(self.rows + new, exc)
             self.rows, self.cache, self.mask = [], None, None
+            self.eng.rows_running = 0
             return
+        self.eng.rows_running = len(self.rows)
         self._advance(new, self._pick(new, logits))
         self._retire()
 
@@ -387,41 +418,73 @@ class StepLoop:
         if hook is not None:
             hook(self.eng.steps_run)
 
-    def _pick(self, rows: list[_Live], logits: Any) -> list[int]:
+    def _pick(self, rows: list[_Live], logits: Any) -> list[int | None]:
         """Each row's next token with its own settings, in the order of HF generate's logits
-        processors: repetition penalty, then (sampling) temperature, top-k, top-p."""
+        processors: repetition penalty, then (sampling) temperature, top-k, top-p. A row whose
+        logits are NaN (a diverged adapter) or whose sampling fails gets None and ``err``:
+        only that row fails."""
         torch = self.torch
         greedy = logits.argmax(-1).tolist()
-        toks = []
+        nan = torch.isnan(logits).any(-1).tolist()
+        toks: list[int | None] = []
         for i, r in enumerate(rows):
-            if r.temp <= 0 and r.rep == 1.0:
+            if nan[i]:
+                log.warning("guild %s: NaN logits (adapter %s); failing the row", r.guild,
+                            r.adapter)
+                r.err = EngineError("generation failed: the model's logits are NaN")
+                toks.append(None)
+            elif r.temp <= 0 and r.rep == 1.0:
                 toks.append(int(greedy[i]))
-                continue
-            s = logits[i]
-            if r.rep != 1.0:  # as RepetitionPenaltyLogitsProcessor, over the row's own tokens
-                seen = torch.tensor(r.ids + r.out, dtype=torch.long, device=s.device)
-                sc = s.gather(0, seen)
-                s = s.scatter(0, seen, torch.where(sc < 0, sc * r.rep, sc / r.rep))
-            if r.temp <= 0:
-                toks.append(int(s.argmax()))
-                continue
-            s = s / r.temp
-            if 0 < self.top_k < s.numel():
-                kth = torch.topk(s, self.top_k).values[-1]
-                s = s.masked_fill(s < kth, float("-inf"))
-            if r.top_p < 1.0:
-                sorted_s, order = torch.sort(s, descending=False)
-                drop = sorted_s.softmax(-1).cumsum(-1) <= (1 - r.top_p)
-                drop[-1] = False  # keep at least one token
-                s = s.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-            toks.append(int(torch.multinomial(s.softmax(-1), 1, generator=r.gen)))
+            else:
+                try:
+                    toks.append(self._sample(r, logits[i]))
+                except Exception as exc:
+                    log.exception("guild %s: picking a token failed; failing the row", r.guild)
+                    r.err = _error(exc)
+                    toks.append(None)
         return toks
 
-    def _advance(self, rows: list[_Live], toks: list[int]) -> None:
-        """Append each row's token; mark finished rows; stream the others' text."""
+    def _sample(self, r: _Live, s: Any) -> int:
+        """One row's token from its logits ``s`` (vocab,): top-p runs over the top-k survivors
+        only (no sort of the whole vocabulary). A seeded row draws over the whole vocabulary
+        with HF generate's probabilities (its generator then yields HF's token); an unseeded
+        row draws among the survivors (same distribution, no 49k random numbers a row)."""
+        torch = self.torch
+        if r.rep != 1.0:  # as RepetitionPenaltyLogitsProcessor, over the row's own tokens
+            seen = torch.tensor(r.ids + r.out, dtype=torch.long, device=s.device)
+            sc = s.gather(0, seen)
+            s = s.scatter(0, seen, torch.where(sc < 0, sc * r.rep, sc / r.rep))
+        if r.temp <= 0:
+            return int(s.argmax())
+        s = s / r.temp
+        idx = None  # the survivors' token ids; None: the whole vocabulary
+        vals = s
+        if 0 < self.top_k < s.numel():
+            vals, idx = torch.topk(s, self.top_k)
+            keep = s >= vals[-1]
+            if int(keep.sum()) > self.top_k:  # ties with the k-th: HF keeps them all
+                idx = keep.nonzero().squeeze(-1)
+                vals = s[idx]
+        if r.top_p < 1.0:
+            sorted_v, order = torch.sort(vals, descending=False)
+            drop = sorted_v.softmax(-1).cumsum(-1) <= (1 - r.top_p)
+            drop[-1] = False  # keep at least one token
+            vals = vals.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        if idx is not None:
+            if r.gen is None:  # the global RNG, never reproducible: draw among the survivors
+                return int(idx[torch.multinomial(vals.softmax(-1), 1)])
+            # A seeded row draws over the whole vocabulary, as HF generate: the same token.
+            vals = torch.full_like(s, float("-inf")).scatter(0, idx, vals)
+        return int(torch.multinomial(vals.softmax(-1), 1, generator=r.gen))
+
+    def _advance(self, rows: list[_Live], toks: list[int | None]) -> None:
+        """Append each row's token; mark finished (and failed) rows; stream the others' text."""
         eng = self.eng
         now = time.monotonic()
         for r, t in zip(rows, toks, strict=True):
+            if t is None:  # failed in _pick
+                r.done = True
+                continue
             r.out.append(t)
             # Done at end-of-sequence, at max_new, or when its caller cancelled it.
             if t in self.eos or len(r.out) >= r.max_new or r.item.fut.done():
@@ -440,7 +503,9 @@ class StepLoop:
                     r.item.on_text = None
 
     def _retire(self) -> None:
-        """Send finished rows their results and drop them (and unused columns) from the cache."""
+        """Send finished rows their results (failed rows their error) and drop them (and unused
+        columns) from the cache. Each finished row is answered even when the cache trim
+        fails (run() then fails the rows still running)."""
         done = [r for r in self.rows if r.done]
         if not done:
             return
@@ -448,29 +513,49 @@ class StepLoop:
         self._unhook()  # the rows change, and trim below may delete adapters
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
-        else:
-            with torch.inference_mode():
-                idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
-                mask = self.mask.index_select(0, idx)
-                first = int(mask.any(0).long().argmax())  # columns before it: padding only
-                for layer in self.cache.layers:
-                    layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-                    layer.values = layer.values.index_select(0, idx)[:, :, first:]
-                self.mask = mask[:, first:]
-        try:  # evict over-cap adapters before answering, so callers see a settled state
-            self.eng._slots.trim({r.guild for r in self.rows})
-        except Exception:
-            log.exception("evicting adapters failed")
-        now = time.perf_counter()
-        tok = self.eng._tok
-        for r in done:
-            text = tok.decode(r.out, skip_special_tokens=True).strip() or FALLBACK_TEXT
-            resolve(r.item.loop, r.item.fut, GenerationResult(
-                text, r.version, len(r.ids), len(r.out), (now - r.item.t0) * 1000))
+        self.eng.rows_running = len(self.rows)
+        try:
+            if not keep:
+                self.cache = self.mask = None
+            else:
+                with torch.inference_mode():
+                    idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
+                    mask = self.mask.index_select(0, idx)
+                    first = int(mask.any(0).long().argmax())  # columns before: padding only
+                    for layer in self.cache.layers:
+                        layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
+                        layer.values = layer.values.index_select(0, idx)[:, :, first:]
+                    self.mask = mask[:, first:]
+            try:  # evict over-cap adapters before answering, so callers see a settled state
+                self.eng._slots.trim({r.guild for r in self.rows})
+            except Exception:
+                log.exception("evicting adapters failed")
+        finally:
+            now = time.perf_counter()
+            for r in done:
+                self._send(r, now)
+
+    def _send(self, r: _Live, now: float) -> None:
+        """Answer a finished row: its result, or its error (its own, or its text's decode's)."""
+        if r.err is not None:
+            resolve(r.item.loop, r.item.fut, exc=r.err)
+            return
+        try:
+            text = self.eng._tok.decode(r.out, skip_special_tokens=True).strip()
+        except Exception as exc:
+            log.exception("decoding a finished row failed")
+            resolve(r.item.loop, r.item.fut, exc=_error(exc))
+            return
+        resolve(r.item.loop, r.item.fut, GenerationResult(
+            text or FALLBACK_TEXT, r.version, len(r.ids), len(r.out), (now - r.item.t0) * 1000))
 
     def _fail(self, rows: list[_Live], exc: BaseException) -> None:
-        err = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        err = _error(exc)
         for r in rows:
             resolve(r.item.loop, r.item.fut, exc=err)
+
+
+def _error(exc: BaseException) -> EngineError:
+    """The one-line EngineError a caller gets for a failed generation."""
+    msg = " ".join(str(exc).split())
+    return EngineError(f"generation failed: {type(exc).__name__}: {msg}")
