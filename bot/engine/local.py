@@ -46,6 +46,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -354,19 +355,32 @@ class LocalEngine(Engine):
             self.last_control_ms = (time.perf_counter() - t0) * 1000
             resolve(item.loop, item.fut, value)
 
+    def row_of(self, it: GenItem, protect: Collection[int | None]
+               ) -> tuple[tuple[int, float, float, float], list[int], str, int | None] | None:
+        """A request's settings, prompt ids, adapter name and version, the adapter loaded if it
+        was evicted (never one of ``protect``'s); None after refusing a bad request (its caller
+        gets an EngineError). Both loops admit requests through here. Model thread only."""
+        try:
+            settings = it.req.settings(self._cfg)
+            if settings[0] < 1:
+                raise ValueError("max_new_tokens must be at least 1")
+            ids = self.prompt_ids(it.req.messages, settings[0])
+            name, version = self._slots.serving(it.req.guild_id, protect)
+        except Exception as exc:
+            log.warning("request for guild %s refused: %s", it.req.guild_id, exc)
+            resolve(it.loop, it.fut, exc=EngineError(f"bad request: {exc}"))
+            return None
+        return settings, ids, name, version
+
     def _run_batch(self, items: list[GenItem]) -> None:
         items = [it for it in items if not it.fut.done()]
         needed = {it.req.guild_id for it in items if self._slots.wants(it.req.guild_id)}
         rows: list[_Row] = []
         for it in items:
-            try:
-                max_new, temp, top_p, rep = it.req.settings(self._cfg)
-                ids = self.prompt_ids(it.req.messages, max_new)
-                name, version = self._slots.serving(it.req.guild_id, needed)
-            except Exception as exc:
-                log.warning("request for guild %s refused: %s", it.req.guild_id, exc)
-                resolve(it.loop, it.fut, exc=EngineError(f"bad request: {exc}"))
+            row = self.row_of(it, needed)
+            if row is None:
                 continue
+            (max_new, temp, top_p, rep), ids, name, version = row
             # Same settings share a generate call; a seeded request runs alone to be reproducible.
             key: tuple[Any, ...] = (temp > 0, temp if temp > 0 else 0.0,
                                     top_p if temp > 0 else 1.0, rep,

@@ -282,16 +282,10 @@ class StepLoop:
         protect = {r.guild for r in self.rows} | {it.req.guild_id for _, it in take}
         new: list[_Live] = []
         for _, it in take:
-            try:
-                max_new, temp, top_p, rep = it.req.settings(eng._cfg)
-                if max_new < 1:
-                    raise ValueError("max_new_tokens must be at least 1")
-                ids = eng.prompt_ids(it.req.messages, max_new)
-                name, version = eng._slots.serving(it.req.guild_id, protect)
-            except Exception as exc:
-                log.warning("request for guild %s refused: %s", it.req.guild_id, exc)
-                resolve(it.loop, it.fut, exc=EngineError(f"bad request: {exc}"))
+            row = eng.row_of(it, protect)
+            if row is None:
                 continue
+            (max_new, temp, top_p, rep), ids, name, version = row
             gen = None
             if temp > 0 and it.req.seed is not None:
                 gen = self.torch.Generator(device=self.dev).manual_seed(it.req.seed)
