@@ -109,6 +109,21 @@ def test_least_recently_used_adapter_is_evicted_first(model: FakeModel) -> None:
     assert_consistent(slots, model)
 
 
+def test_a_load_never_evicts_a_pinned_guild(model: FakeModel) -> None:
+    # The step loop pins the guilds with running rows around a control: a load into full
+    # slots evicts the least recently used adapter that no running row uses.
+    slots = make(model, capacity=2)
+    for g in (1, 2):
+        activate(slots, g, 1)  # 1 is the least recently used now
+    slots.pinned = frozenset({1})
+    activate(slots, 3, 1)
+    assert slots.resident() == [1, 3] and "g2" not in model.loaded
+    slots.pinned = frozenset()
+    activate(slots, 4, 1)  # unpinned: plain LRU again
+    assert slots.resident() == [3, 4]
+    assert_consistent(slots, model)
+
+
 def test_an_evicted_guild_reloads_its_version_on_demand(model: FakeModel) -> None:
     slots = make(model, capacity=1)
     activate(slots, 1, 4)
