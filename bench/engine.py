@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.vllm_variant import measure_levels  # noqa: E402
 from bot.engine import GenerationRequest, LocalEngine  # noqa: E402
 from guildtune.adapter_dir import ADAPTER_WEIGHTS, adapter_meta, write_meta  # noqa: E402
 from guildtune.config import LoraConfig, ModelConfig  # noqa: E402
@@ -308,11 +309,6 @@ def _mem() -> dict[str, float]:
     return out
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
-
-
 async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, Any]:
     """One engine variant in this process: 'before' = fp32 + hot swap from the files on the
     model thread, 'after' = dtype auto (fp32 on CPU) + prepared swap, 'bf16' = 'after' in
@@ -341,22 +337,8 @@ async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, A
             await eng.activate(g, 1, adapters / str(g) / "1")
         mem["adapters"] = _mem()
         await asyncio.gather(*(eng.generate(smol_request(i)) for i in range(8)))  # warm-up
-        levels: dict[int, Any] = {}
-        texts: dict[int, list[str]] = {}
-        for n in SMOL_LEVELS:
-            lat, toks, wall = [], 0, 0.0
-            for _ in range(rounds):
-                t = time.perf_counter()
-                res = await asyncio.gather(*(eng.generate(smol_request(i)) for i in range(n)))
-                wall += time.perf_counter() - t
-                toks += sum(r.tokens_out for r in res)
-                lat += [r.latency_ms for r in res]
-                texts[n] = [r.text for r in res]
-            levels[n] = {"tok_s": toks / wall, "p50_ms": _pct(lat, 0.5),
-                         "p99_ms": _pct(lat, 0.99), "tokens": toks, "requests": len(lat)}
-            print(f"{variant} n={n}: {levels[n]}", file=sys.stderr)
-        out["levels"] = levels
-        out["texts"] = texts
+        out["levels"], out["texts"] = await measure_levels(eng, smol_request, SMOL_LEVELS,
+                                                           rounds, variant)
         mem["generated"] = _mem()
         # Hot swaps of resident guild 1 (v1 <-> v2) while guilds 2-4 keep asking: the pause is
         # the time the model thread spent inside the swap; then the wall time from activate to

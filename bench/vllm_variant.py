@@ -1,4 +1,5 @@
-"""The ``vllm`` variant of ``bench/engine.py --smollm2``: VllmEngine against a real vLLM server.
+"""The ``vllm`` variant of ``bench/engine.py --smollm2``: VllmEngine against a real vLLM server,
+and the measurement every variant shares (``measure_levels``).
 
 The server is started with the command ``guildtune vllm`` builds (guildtune/vllm_server.py) for
 SmolLM2-135M-Instruct, from the Python in $GUILDTUNE_VLLM_PYTHON, and measured on the same
@@ -16,9 +17,35 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def measure_levels(eng: Any, requests: Any, levels: tuple[int, ...], rounds: int,
+                         label: str) -> tuple[dict[int, Any], dict[int, list[str]]]:
+    """Every engine's measurement: at each level n, ``rounds`` times requests 0..n-1 at once;
+    tokens/s over the wall time, p50/p99 latency; and the texts of the last round."""
+    results: dict[int, Any] = {}
+    texts: dict[int, list[str]] = {}
+    for n in levels:
+        lat, toks, wall = [], 0, 0.0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            res = await asyncio.gather(*(eng.generate(requests(i)) for i in range(n)))
+            wall += time.perf_counter() - t
+            toks += sum(r.tokens_out for r in res)
+            lat += [r.latency_ms for r in res]
+            texts[n] = [r.text for r in res]
+        results[n] = {"tok_s": toks / wall, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                      "tokens": toks, "requests": len(lat)}
+        print(f"{label} n={n}: {results[n]}", file=sys.stderr)
+    return results, texts
 
 
 def _free_port() -> int:
@@ -60,20 +87,12 @@ def tree_mem_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": rss, "peak_mb": peak}
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 async def vllm_variant(adapters: Path, rounds: int, cache: Path, requests: Any,
                        levels: tuple[int, ...], new_tokens: int, lora: Any) -> dict[str, Any]:
     """Start the server, run the request set at each level, swap, measure; stop the server."""
     from bot.engine import GenerationRequest, create_engine
     from guildtune.config import Config, ModelConfig
-    from guildtune.vllm_server import find_python, server_command
+    from guildtune.vllm_server import find_python, healthy, server_command
 
     port = _free_port()
     model = ModelConfig(name="smollm2-135m", backend="vllm", vllm_url=f"http://127.0.0.1:{port}",
@@ -90,7 +109,7 @@ async def vllm_variant(adapters: Path, rounds: int, cache: Path, requests: Any,
                            "torch_threads": "server: VLLM_CPU_OMP_THREADS_BIND=auto",
                            "command": cmd.shell()}
     try:
-        while not _healthy(model.vllm_url):
+        while not healthy(model.vllm_url):
             if proc.poll() is not None:
                 raise SystemExit("vLLM exited:\n" + log_path.read_text(errors="replace")[-3000:])
             await asyncio.sleep(1)
@@ -101,23 +120,8 @@ async def vllm_variant(adapters: Path, rounds: int, cache: Path, requests: Any,
             for g in range(1, 5):
                 await eng.activate(g, 1, adapters / str(g) / "1")
             await asyncio.gather(*(eng.generate(requests(i)) for i in range(8)))  # warm-up
-            results: dict[int, Any] = {}
-            texts: dict[int, list[str]] = {}
-            for n in levels:
-                lat, toks, wall = [], 0, 0.0
-                for _ in range(rounds):
-                    t = time.perf_counter()
-                    res = await asyncio.gather(*(eng.generate(requests(i)) for i in range(n)))
-                    wall += time.perf_counter() - t
-                    toks += sum(r.tokens_out for r in res)
-                    lat += [r.latency_ms for r in res]
-                    texts[n] = [r.text for r in res]
-                lat.sort()
-                results[n] = {"tok_s": toks / wall, "p50_ms": lat[len(lat) // 2],
-                              "p99_ms": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
-                              "tokens": toks, "requests": len(lat)}
-                print(f"vllm n={n}: {results[n]}", file=sys.stderr)
-            out["levels"], out["texts"] = results, texts
+            out["levels"], out["texts"] = await measure_levels(eng, requests, levels, rounds,
+                                                               "vllm")
             # Swaps of guild 1 while guilds 2-4 ask: the load call's time (the server keeps
             # generating meanwhile), then activate -> first complete 8-token reply.
             loads, to_reply = [], []

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -137,3 +138,12 @@ def server_command(cfg: Config, *, python: str, cache_dir: Path | None = None,
     # An operator's own settings win over ours.
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     return ServerCommand(argv, env)
+
+
+def healthy(url: str) -> bool:
+    """Whether the vLLM server at ``url`` answers its health check now."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -34,7 +34,7 @@ from bot.engine import (
 )
 from bot.engine.vllm import VllmEngine, instance_id, lora_name
 from guildtune.config import LoraConfig
-from guildtune.vllm_server import server_command
+from guildtune.vllm_server import healthy, server_command
 from tests.fakes import make_config
 from tests.helpers_adapters import TINY_LORA, AdapterFactory
 
@@ -62,14 +62,6 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("vllm")
@@ -91,13 +83,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         for _ in range(START_LIMIT_S):
             if proc.poll() is not None:
                 break
-            if _healthy(url):
+            if healthy(url):
                 break
             try:
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        if not _healthy(url):
+        if not healthy(url):
             tail = log_path.read_text(errors="replace")[-3000:]
             pytest.fail(f"vLLM did not start (exit {proc.poll()}):\n{tail}")
         yield {"cfg": cfg, "url": url, "root": root,
