@@ -67,6 +67,9 @@ from .scrub import scrub
 log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
+# The fewest usable (desirable) examples a run trains from; below this it fails with
+# pipeline.NotEnoughData and says how many more it needs. Small sets are judged by k-fold.
+MIN_EXAMPLES = 10
 RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
 
 

@@ -25,6 +25,14 @@ class TrainingError(RuntimeError):
     """A run that cannot train; the message says why, in one line, for the admin."""
 
 
+class NotEnoughData(TrainingError):
+    """Too few usable examples to train and judge an adapter; ``needed`` more would do."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass
 class TrainResult:
     status: str  # "succeeded" | "rejected"
