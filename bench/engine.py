@@ -276,6 +276,8 @@ def table(r: dict[str, Any]) -> str:
 # -- SmolLM2-135M: the engine before and after issue 12 ---------------------------------------
 
 SMOL_CACHE = Path(tempfile.gettempdir()) / "guildtune-bench"
+# The bench's own model cache (model.cache_dir), where earlier runs converted SmolLM2.
+SMOL_MODELS = SMOL_CACHE / "models"
 SMOL_PROMPTS = (
     "What's a good way to learn a new programming language?",
     "Can you explain what a hash table is?",
@@ -316,11 +318,11 @@ async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, A
     mem = {"start": _mem()}
     import peft  # noqa: F401  (the torch runtime and libraries, before any weights)
 
-    from guildtune.models import SMOLLM2, load_model, resolve_device
+    from guildtune.models import SMOLLM2, SMOLLM2_DIR, load_model, resolve_device
 
     mem["imports"] = _mem()
     dtype = {"before": "float32", "after": "auto", "bf16": "bfloat16"}[variant]
-    loaded = load_model(SMOLLM2, device="cpu", dtype=dtype, cache_dir=SMOL_CACHE)
+    loaded = load_model(SMOLLM2, device="cpu", dtype=dtype, cache_dir=SMOL_MODELS)
     sum(float(p.data.float().sum()) for p in loaded.model.parameters())  # lazily mapped: read
     mem["model"] = _mem()
     cfg = ModelConfig(name=SMOLLM2, device="cpu", dtype=dtype, max_new_tokens=SMOL_NEW_TOKENS,
@@ -370,7 +372,7 @@ async def smol_variant(variant: str, adapters: Path, rounds: int) -> dict[str, A
         out["activate_to_reply_ms"] = statistics.median(to_reply)
     finally:
         await eng.close()
-    ckpt = SMOL_CACHE / "models" / "smollm2-135m-instruct"
+    ckpt = SMOL_MODELS / SMOLLM2_DIR
     out["base_reload_ms"] = statistics.median(
         reload_in_process(ckpt, loaded.dtype, "cpu") for _ in range(3)) * 1000
     out["swap_pause_vs_reload_pct"] = 100 * out["swap_pause_ms"] / out["base_reload_ms"]
@@ -417,7 +419,7 @@ def smol_table(r: dict[str, Any]) -> str:
 def smol_main(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from guildtune.models import SMOLLM2, load_model
+    from guildtune.models import SMOLLM2, SMOLLM2_DIR, load_model
 
     if args.smollm2_variant == "vllm":  # a child: VllmEngine on a real vLLM server
         from bench.vllm_variant import vllm_variant
@@ -430,8 +432,8 @@ def smol_main(args: argparse.Namespace) -> None:
         res = asyncio.run(smol_variant(args.smollm2_variant, args.adapters, args.rounds))
         print(json.dumps(res, default=str))
         return
-    base_id = load_model(SMOLLM2, device="cpu", dtype="float32", cache_dir=SMOL_CACHE).base_id
-    ckpt = SMOL_CACHE / "models" / "smollm2-135m-instruct"
+    base_id = load_model(SMOLLM2, device="cpu", dtype="float32", cache_dir=SMOL_MODELS).base_id
+    ckpt = SMOL_MODELS / SMOLLM2_DIR
     with torch.device("meta"):
         shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
     adapters = Path(tempfile.mkdtemp(prefix="guildtune-smol-"))

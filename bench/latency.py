@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.engine import LORA, SMOL_CACHE, SMOL_PROMPTS, write_adapter  # noqa: E402
+from bench.engine import LORA, SMOL_MODELS, SMOL_PROMPTS, write_adapter  # noqa: E402
 from bot.engine import GenerationRequest, LocalEngine  # noqa: E402
 from guildtune.config import ModelConfig  # noqa: E402
 
@@ -79,7 +79,7 @@ def load(quick: bool) -> Any:
 
     if quick:
         return load_model("tiny", device="cpu", dtype="float32")
-    loaded = load_model(SMOLLM2, device="cpu", dtype="float32", cache_dir=SMOL_CACHE)
+    loaded = load_model(SMOLLM2, device="cpu", dtype="float32", cache_dir=SMOL_MODELS)
     sum(float(p.data.sum()) for p in loaded.model.parameters())  # lazily mapped: read it all
     return loaded
 

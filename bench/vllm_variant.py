@@ -99,7 +99,7 @@ async def vllm_variant(adapters: Path, rounds: int, cache: Path, requests: Any,
                         max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0,
                         max_batch_size=8, max_resident_adapters=16)
     cfg = Config(model=model, lora=lora)
-    cmd = server_command(cfg, python=find_python(), cache_dir=cache, cuda=False)
+    cmd = server_command(cfg, python=find_python(), cache_dir=cache / "models", cuda=False)
     log_path = cache / "vllm-bench-server.log"
     t0 = time.perf_counter()
     with open(log_path, "wb") as log_file:
@@ -114,7 +114,7 @@ async def vllm_variant(adapters: Path, rounds: int, cache: Path, requests: Any,
                 raise SystemExit("vLLM exited:\n" + log_path.read_text(errors="replace")[-3000:])
             await asyncio.sleep(1)
         out["startup_s"] = time.perf_counter() - t0
-        eng = create_engine(model, lora, cache_dir=cache)
+        eng = create_engine(model, lora, cache_dir=cache / "models", data_dir=cache)
         await eng.start()
         try:
             for g in range(1, 5):

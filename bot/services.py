@@ -53,7 +53,8 @@ async def open_services(config: Config, *, engine: Engine | None = None,
             from bot.engine import create_engine  # torch only when a real engine is wanted
 
             made = engine = await asyncio.to_thread(create_engine, config.model, config.lora,
-                                                    cache_dir=config.data_dir)
+                                                    cache_dir=config.model_cache,
+                                                    data_dir=config.data_dir)
             await made.start()
         yield Services(config=config, store=store, engine=engine)
     finally:

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from guildtune.policy import operator_block, training_block
+from guildtune.progress import gate_line, needed_line, progress_line
 
 log = logging.getLogger(__name__)
+
+ERROR_CHARS = 200  # of a failed run's error in "Last run"
+FIELD_CHARS = 1024  # what a Discord embed field holds
 
 
 @dataclass
@@ -123,18 +127,13 @@ class StatusReport:
                 if last.finished_utc else ")"
             if last.version is not None:
                 last_text += f" → v{last.version}"
-            gate = _gate(last.metrics)
-            if gate:
-                last_text += f"; gate: {gate}"
-            if last.error:
-                last_text += f"; {last.error[:120]}"
+            last_text += _outcome(last.metrics, last.error)
         running = None
         open_run = stats.get("open_run")
         if open_run:
-            prog = open_run.get("progress") or {}
-            bits = [f"{k} {v}" for k, v in prog.items() if isinstance(v, (int, float, str))][:4]
+            prog = open_run.get("progress")
             running = f"#{open_run['id']} {open_run['status']}" + (
-                f": {', '.join(bits)}" if bits else "")
+                f": {progress_line(prog)}" if prog else "")
         return cls(
             guild_id=guild_id, operator_training=operator_block(cfg) is None,
             guild_training=settings.training_enabled,
@@ -143,19 +142,30 @@ class StatusReport:
             engine_version=engine_version,
             examples_since=int(stats.get("examples_since_active") or 0),
             likes=int(stats.get("likes") or 0), dislikes=int(stats.get("dislikes") or 0),
-            consented_users=int(stats.get("consented_users") or 0), last_run=last_text,
-            running=running, next_run=next_run, schedule=schedule, chart_png=chart_png,
-            tainted=tainted)
+            consented_users=int(stats.get("consented_users") or 0),
+            last_run=_clip(last_text), running=None if running is None else _clip(running),
+            next_run=next_run, schedule=schedule, chart_png=chart_png, tainted=tainted)
 
 
-def _gate(metrics: dict[str, Any] | None) -> str:
-    """A run's gate metrics in a few words (the first six numbers)."""
-    if not metrics:
-        return ""
-    nums = [(k, v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in nums[:6])
+def _clip(text: str, limit: int = FIELD_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _outcome(metrics: dict[str, Any] | None, error: str | None) -> str:
+    """How a finished run ended, after its id: the gate in one line (``gate_line``), or for a
+    run that failed for lack of data how many more examples the next one needs, then the
+    error when it says more than the gate's reason."""
+    metrics = metrics or {}
+    out = ""
+    needed = metrics.get("needed")
+    if isinstance(needed, int) and not isinstance(needed, bool):
+        out += f": {needed_line(needed)}"
+    gate = gate_line(metrics)
+    if gate:
+        out += f"; {gate}"
+    if error and error != metrics.get("gate"):
+        out += f"; {error[:ERROR_CHARS]}"
+    return out
 
 
 def like_rate_chart(rows: list[dict[str, Any]]) -> bytes | None:

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from guildtune.cli_types import discord_id
@@ -61,15 +63,10 @@ def _store(cfg: Config) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    """Foreground training with a progress bar; prints the gate's numbers."""
+    """Foreground training: a progress bar on a terminal, else a progress line in the log on
+    each phase change and every ~30 s (``guildtune.progress.ProgressLog``, through the
+    worker); prints the gate's numbers."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     from trainer.pipeline import TrainingError
     from trainer.worker import train_foreground
@@ -79,26 +76,18 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     console = Console(stderr=True)
     store = _store(cfg)
     try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                      TimeRemainingColumn(), console=console, transient=False) as bar:
-            task = bar.add_task(f"guild {args.guild}: preparing", total=None, loss="-", tps="-")
-
-            def progress(p: dict[str, Any]) -> None:
-                if "phase" in p:
-                    bar.update(task, description=f"guild {args.guild}: {p['phase']}")
-                if "total_steps" in p and "loss" in p:
-                    bar.update(task, description=f"guild {args.guild}: training",
-                               total=p["total_steps"], completed=p["step"], loss=p["loss"],
-                               tps=p["tokens_per_s"])
-
-            try:
+        try:
+            if console.is_terminal:
+                with _progress_bar(console, args.guild) as progress:
+                    run_id, res = train_foreground(store, cfg, args.guild, force=args.force,
+                                                   model_name=args.model, progress=progress)
+            else:  # a service, a pipe, CI: no bar to redraw, so log lines instead
                 run_id, res = train_foreground(store, cfg, args.guild, force=args.force,
-                                               model_name=args.model, progress=progress)
-            except TrainingError as exc:
-                hint = ("" if args.force or GUILD_OFF.split("{")[0] not in str(exc) else
-                        " (or train it now anyway with --force)")
-                raise SystemExit(f"error: {exc}{hint}") from None
+                                               model_name=args.model)
+        except TrainingError as exc:
+            hint = ("" if args.force or GUILD_OFF.split("{")[0] not in str(exc) else
+                    " (or train it now anyway with --force)")
+            raise SystemExit(f"error: {exc}{hint}") from None
     finally:
         store.close()
     m = res.metrics
@@ -115,6 +104,33 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     print(f"{m['steps']} steps, {m['tokens']} tokens, {m['tokens_per_s']} tok/s, "
           f"{m['train_seconds']} s training")
     return 0 if res.status == "succeeded" else 2
+
+
+@contextmanager
+def _progress_bar(console: Any, guild_id: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A rich progress bar for a terminal; yields the callback that moves it."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(f"guild {guild_id}: preparing", total=None, loss="-", tps="-")
+
+        def progress(p: dict[str, Any]) -> None:
+            # ``p["phase"]`` is filled in by the worker (``guildtune.progress.phase_of``).
+            bar.update(task, description=f"guild {guild_id}: {p.get('phase', 'training')}")
+            if "total_steps" in p and "step" in p:
+                bar.update(task, total=p["total_steps"], completed=p["step"])
+            if "loss" in p:
+                bar.update(task, loss=p["loss"], tps=p.get("tokens_per_s", "-"))
+
+        yield progress
 
 
 def _parent_pid() -> int | None:
@@ -158,7 +174,7 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     """Base vs active adapter on the held-out reply pairs of a community file."""
     from guildtune.community import read_community, stable_hash
-    from trainer.data import examples_from_messages, is_heldout, system_prompt
+    from trainer.data import examples_from_messages, split_heldout, system_prompt
 
     store = _store(cfg)
     try:
@@ -167,7 +183,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     examples = examples_from_messages(read_community(args.data), system)
-    held = [e for e in examples if is_heldout(e, cfg.training.heldout_fraction)]
+    held = split_heldout(examples, cfg.training.heldout_fraction)[1]
     if args.max_pairs > 0:
         held = sorted(held, key=lambda e: stable_hash("eval", e.key))[:args.max_pairs]
     if not held:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 ENV_CONFIG = "GUILDTUNE_CONFIG"
 ENV_TOKEN = "DISCORD_TOKEN"
+ENV_MODEL_CACHE = "GUILDTUNE_MODEL_CACHE"  # the default model cache (tests and CI isolate it)
 
 
 class ConfigError(ValueError):
@@ -130,10 +131,13 @@ class ModelConfig:
     threads: int = 0
     backend: Literal["local", "vllm"] = "local"
     vllm_url: str = "http://127.0.0.1:8000"
+    cache_dir: str = ""  # empty: the machine's model cache (see default_model_cache)
 
     def validate(self) -> None:
         _check(bool(self.name.strip()) and "\x00" not in self.name, "model.name", self.name,
                "a Hugging Face id, a local directory, 'tiny' or 'smollm2-135m'")
+        _check("\x00" not in self.cache_dir, "model.cache_dir", self.cache_dir,
+               "a directory path (it contains a NUL character)")
         _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                "model.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
         _check(1 <= self.max_new_tokens <= 4096, "model.max_new_tokens", self.max_new_tokens,
@@ -155,7 +159,7 @@ class ModelConfig:
 class LoraConfig:
     rank: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
@@ -184,6 +188,8 @@ class TrainingConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 256
+    max_batch_tokens: int = 0
+    precision: str = "auto"
     max_examples: int = 5000
     time_budget_minutes: float = 30.0
     eval_margin: float = 0.01
@@ -226,6 +232,11 @@ class TrainingConfig:
         _positive("training.batch_size", self.batch_size)
         _positive("training.grad_accum", self.grad_accum)
         _check(self.max_seq_len >= 16, "training.max_seq_len", self.max_seq_len, "must be >= 16")
+        _check(self.max_batch_tokens == 0 or self.max_batch_tokens >= self.max_seq_len,
+               "training.max_batch_tokens", self.max_batch_tokens,
+               f"0 (auto) or >= training.max_seq_len ({self.max_seq_len})")
+        _check(self.precision in ("auto", "bf16", "fp32"), "training.precision",
+               self.precision, 'one of "auto", "bf16", "fp32"')
         _positive("training.max_examples", self.max_examples)
         _positive("training.time_budget_minutes", self.time_budget_minutes)
         _check(0 <= self.eval_margin < 1, "training.eval_margin", self.eval_margin,
@@ -275,6 +286,14 @@ class Config:
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
 
+    @property
+    def model_cache(self) -> Path:
+        """Where converted base checkpoints live (``smollm2-135m``, ``tiny``): one directory
+        shared by every data dir on the machine, so each is fetched and converted once.
+        ``model.cache_dir`` when set, else ``default_model_cache()``."""
+        return Path(self.model.cache_dir).expanduser() if self.model.cache_dir \
+            else default_model_cache()
+
     def replace(self, **sections: Any) -> Config:
         """A copy with whole sections or single fields changed: replace(model={"name": "tiny"})."""
         changes: dict[str, Any] = {}
@@ -298,6 +317,27 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        self._validate_model_cache()
+
+    def _validate_model_cache(self) -> None:
+        # What can be told without writing: the cache, or its nearest existing parent, is a
+        # directory (a file there would fail the first conversion, minutes into a start).
+        path = self.model_cache
+        if self.model.cache_dir:
+            where = f"model.cache_dir = {_shown(self.model.cache_dir)}"
+        elif os.environ.get(ENV_MODEL_CACHE):
+            where = f"{ENV_MODEL_CACHE} = {_shown(os.environ[ENV_MODEL_CACHE])}"
+        else:
+            where = f"the default model cache {str(path)!r}"
+        try:
+            blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+            is_dir = blocker is None or blocker.is_dir()
+        except OSError:  # unreadable parents: the first conversion will say so
+            return
+        if not is_dir:
+            what = "is a file" if blocker == path else f"is inside {str(blocker)!r}, a file"
+            raise ConfigError(f"config: {where} {what}: set model.cache_dir to a directory "
+                              "for converted models")
 
 
 _SECTION_TYPES = {"discord": DiscordConfig, "storage": StorageConfig, "model": ModelConfig,
@@ -313,6 +353,22 @@ def default_data_dir() -> Path:
     if (home / "Library" / "Application Support").is_dir():
         return home / "Library" / "Application Support" / "guildtune"
     return home / ".local" / "share" / "guildtune"
+
+
+def default_model_cache() -> Path:
+    """The per-machine model cache: ``$GUILDTUNE_MODEL_CACHE``, else the user cache directory
+    (``$XDG_CACHE_HOME/guildtune/models``, ``~/Library/Caches/guildtune/models`` on macOS,
+    ``~/.cache/guildtune/models``)."""
+    explicit = os.environ.get(ENV_MODEL_CACHE)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        return Path(base) / "guildtune" / "models"
+    home = Path.home()
+    if (home / "Library" / "Caches").is_dir():
+        return home / "Library" / "Caches" / "guildtune" / "models"
+    return home / ".cache" / "guildtune" / "models"
 
 
 def _type_name(tp: Any) -> str:

@@ -383,8 +383,9 @@ class Demo:
             lines.append(f"- {self.name_of(r.guild_id)}: run {r.id} **{r.status}**"
                          + (f", version {r.version}" if r.version else "")
                          + (f"; {m.get('n_train')} train / {m.get('n_heldout')} held-out "
-                            f"examples, {m.get('steps')} steps, {m.get('tokens_per_s')} tok/s; "
-                            f"gate: {m.get('gate')}" if m else "")
+                            f"examples ({m.get('eval', 'time split')}), {m.get('steps')} steps, "
+                            f"{m.get('tokens_per_s')} tok/s; gate: {m.get('gate')}"
+                            if "n_train" in m else "")
                          + (f"; error: {r.error}" if r.error else ""))
         lines += ["", "## Same prompts, base model vs adapters", ""]
         for row in self.side_by_side:

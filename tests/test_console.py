@@ -71,7 +71,7 @@ async def test_console_chat_rate_retrain_and_new_version(tmp_path) -> None:
     stdin.feed("/tune status")
     got = await wait_for(out, "Next scheduled run", mark)
     assert "Active version: v1" in got and "#1 succeeded" in got
-    assert "candidate_loss 1.5" in got
+    assert "held-out loss: candidate 1.5000" in got
 
     stdin.feed("/forget", "yes")
     await wait_for(out, "stored items deleted", mark)

@@ -129,7 +129,7 @@ def test_no_config_error_echoes_a_token(tmp_path: Path, monkeypatch: pytest.Monk
 
 # String keys whose validation refuses a token-shaped string (the others take any string).
 REFUSE_A_TOKEN = {("discord", "token"), ("model", "device"), ("model", "vllm_url"),
-                  ("training", "schedule")}
+                  ("training", "schedule"), ("training", "precision")}
 
 
 @pytest.mark.parametrize("section, key", [(s, k) for s, k, tp in _every_config_key() if tp is str],

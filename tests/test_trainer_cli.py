@@ -17,7 +17,7 @@ from guildtune.community import read_jsonl
 from guildtune.config import Config
 from storage import open_store
 from tests.fakes import make_config
-from trainer.data import examples_from_messages, is_heldout
+from trainer.data import examples_from_messages, split_heldout
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 G = 21
@@ -50,7 +50,8 @@ def setup(tmp_path: Path) -> tuple[Config, Path]:
                       model={"name": "smollm2-135m"},  # --model tiny overrides it
                       lora={"rank": 4, "alpha": 8},
                       training={"enabled": True, "epochs": 2.0, "batch_size": 16,
-                                "max_seq_len": 64, "learning_rate": 3e-3})
+                                "max_seq_len": 64, "learning_rate": 3e-3,
+                                "heldout_fraction": 0.25})  # 20 of 80: the time split
     store = open_store(cfg.db_path)
     store.import_messages(G, [m.as_store_row() for m in read_jsonl(f)])
     store.update_guild_settings(G, learn_from_humans=True)
@@ -68,8 +69,8 @@ def test_train_eval_rollback(setup: tuple[Config, Path], capsys: pytest.CaptureF
 
     assert run(["eval", "--guild", str(G), "--data", str(f)], cfg) == 0
     result = json.loads(capsys.readouterr().out)
-    held = [e for e in examples_from_messages(read_jsonl(f), cfg.model.system_prompt)
-            if is_heldout(e, cfg.training.heldout_fraction)]
+    held = split_heldout(examples_from_messages(read_jsonl(f), cfg.model.system_prompt),
+                         cfg.training.heldout_fraction)[1]
     assert result["pairs"] == len(held) > 0 and result["adapter_version"] == 1
     assert result["model"] == TINY_BASE_ID  # the base the adapter was trained on, not smollm2
     assert result["adapter_loss"] < result["base_loss"]

@@ -40,7 +40,7 @@ def test_the_command_follows_the_config(tmp_path: Path) -> None:
     argv = cmd.argv
     assert argv[:3] == ["/venv/bin/python", str(LAUNCHER), "serve"]
     ckpt = Path(argv[3])
-    assert (ckpt / "config.json").is_file() and ckpt.is_relative_to(cfg.data_dir)
+    assert (ckpt / "config.json").is_file() and ckpt.is_relative_to(cfg.model_cache)
     assert flag(argv, "--served-model-name") == "tiny"  # what the bot asks for
     assert flag(argv, "--max-model-len") == "768"
     assert flag(argv, "--max-lora-rank") == "16"  # the smallest vLLM rank holding 12

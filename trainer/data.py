@@ -66,7 +66,6 @@ from .scrub import scrub
 
 log = logging.getLogger(__name__)
 
-SPLIT_BUCKETS = 10_000
 # The fewest usable (desirable) examples a run trains from; below this it fails with
 # pipeline.NotEnoughData and says how many more it needs. Small sets are judged by k-fold.
 MIN_EXAMPLES = 10
@@ -141,9 +140,41 @@ class Dataset:
         return len(self.train) + len(self.heldout) + len(self.negatives)
 
 
-def is_heldout(example: Example, fraction: float) -> bool:
-    """The deterministic split: a process-independent hash of the example's content."""
-    return stable_hash("split", example.key) % SPLIT_BUCKETS < int(fraction * SPLIT_BUCKETS)
+MIN_HELDOUT = 16  # fewer newest examples than this are too noisy a gate: k-fold instead
+FOLDS = 5
+
+
+def by_time(examples: Iterable[Example]) -> list[Example]:
+    """Oldest first; examples of the same instant in a fixed order (a hash of their content),
+    so the same dataset always splits the same way."""
+    return sorted(examples, key=lambda e: (e.created_utc, stable_hash("split", e.key)))
+
+
+def split_heldout(examples: Iterable[Example], fraction: float) -> tuple[list[Example],
+                                                                         list[Example]]:
+    """The time split: (train, held out), the newest ``fraction`` held out. A live community is
+    trained on its past and talks to the adapter in its future; a random slice of the same
+    weeks would let the gate reward memorising this month's topics."""
+    ordered = by_time(examples)
+    n_held = int(len(ordered) * fraction)
+    return ordered[:len(ordered) - n_held], ordered[len(ordered) - n_held:]
+
+
+def time_folds(examples: Iterable[Example], k: int = FOLDS) -> list[list[Example]]:
+    """``k`` contiguous blocks of time (oldest first), for the k-fold gate of a small dataset:
+    each block is judged by an adapter trained on all the others."""
+    ordered = by_time(examples)
+    k = max(1, min(k, len(ordered)))
+    bounds = [round(i * len(ordered) / k) for i in range(k + 1)]
+    return [ordered[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+def evaluation_plan(n_usable: int, fraction: float) -> str:
+    """How a run with ``n_usable`` desirable examples is judged: "time split", "k-fold", or
+    "too few" (below MIN_EXAMPLES)."""
+    if n_usable < MIN_EXAMPLES:
+        return "too few"
+    return "time split" if int(n_usable * fraction) >= MIN_HELDOUT else "k-fold"
 
 
 def system_prompt(store: Any, guild_id: int, default: str) -> str:
@@ -418,16 +449,18 @@ def build_dataset(store: Any, guild_id: int, cfg: Any, *,
     count = count_tokens or estimate_tokens
     kept, tally, mass = _select(unique, cfg.privacy.max_user_share, t.max_examples,
                                 lambda e: supervised_mass(e, count, t.max_seq_len))
-    train, heldout, negatives = [], [], []
-    for ex in kept:
-        if not ex.desirable:
-            # Disliked replies are never scored as targets, held out or not.
-            if not is_heldout(ex, t.heldout_fraction):
-                negatives.append(ex)
-        elif is_heldout(ex, t.heldout_fraction):
-            heldout.append(ex)
-        else:
-            train.append(ex)
+    # Disliked replies are never scored as targets; the preference term uses those older
+    # than the held-out slice.
+    wanted = [ex for ex in kept if ex.desirable]
+    plan = evaluation_plan(len(wanted), t.heldout_fraction)
+    if plan == "time split":
+        train, heldout = split_heldout(wanted, t.heldout_fraction)
+        cutoff = (heldout[0].created_utc, stable_hash("split", heldout[0].key))
+        negatives = [ex for ex in by_time(kept) if not ex.desirable
+                     and (ex.created_utc, stable_hash("split", ex.key)) < cutoff]
+    else:  # k-fold (or too few): every desirable example trains; the folds judge
+        train, heldout = by_time(wanted), []
+        negatives = [ex for ex in by_time(kept) if not ex.desirable]
     contributors: Counter[int] = Counter()
     for ex in (*train, *heldout, *negatives):
         contributors.update(ex.authors | ex.steerers)
@@ -437,6 +470,7 @@ def build_dataset(store: Any, guild_id: int, cfg: Any, *,
              "rating_only": sum(e.rating_only for e in kept),
              **{f"n_{k}": v for k, v in by_kind.items()},
              "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives),
+             "eval": plan,
              # Weighted supervised tokens (estimated unless a tokenizer counted them) and the
              # largest share of them one member (or the rating-only slice) steers.
              "supervised_mass": round(mass, 1), "tokens_estimated": count_tokens is None,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -190,6 +191,57 @@ def backbone_and_head(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+HEAD_CHUNK = 512  # labelled positions per slice of vocab logits (512 x 49k x 4 B = 100 MB)
+
+
+class _HeadNLL(torch.autograd.Function):
+    """Negative log-likelihood of ``targets`` under ``hidden @ weight.T (+ bias)``, in slices of
+    HEAD_CHUNK rows, for a frozen output layer. The gradient with respect to ``hidden`` is
+    computed slice by slice in the forward ((softmax - onehot) @ weight) and only scaled in the
+    backward, so no (positions x vocab) logits are kept for the backward: with a 49k vocab they
+    were the largest tensors of a step (1,000 labelled positions: ~0.6 GB)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for a in range(0, hidden.shape[0], HEAD_CHUNK):
+            h, t = hidden[a:a + HEAD_CHUNK], targets[a:a + HEAD_CHUNK]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[a:a + HEAD_CHUNK] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[a:a + HEAD_CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+            del logits
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        return grad * grad_nll[:, None].to(grad.dtype), None, None, None
+
+
+def head_nll(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of ``targets`` through the output layer ``head`` (fused and sliced when
+    the layer is a frozen Linear, the plain path otherwise)."""
+    weight = getattr(head, "weight", None)
+    if (isinstance(head, torch.nn.Linear) and weight is not None and not weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad)):
+        if torch.is_autocast_enabled(hidden.device.type):
+            dt = torch.get_autocast_dtype(hidden.device.type)
+            with torch.autocast(hidden.device.type, enabled=False):
+                bias = head.bias.to(dt) if head.bias is not None else None
+                return _HeadNLL.apply(hidden.to(dt), weight.to(dt), bias, targets)
+        return _HeadNLL.apply(hidden, weight, head.bias, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
 def token_nll(model: Any, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood at labelled positions, and each one's row index.
@@ -200,8 +252,7 @@ def token_nll(model: Any, ids: torch.Tensor, att: torch.Tensor, labels: torch.Te
     hidden = decoder(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     sel = target != IGNORE
-    logits = head(hidden[:, :-1][sel]).float()
-    nll = F.cross_entropy(logits, target[sel], reduction="none")
+    nll = head_nll(head, hidden[:, :-1][sel], target[sel])
     rows = sel.nonzero(as_tuple=True)[0]
     return nll, rows
 
@@ -226,7 +277,84 @@ def kto_loss(model: Any, batch: tuple[torch.Tensor, ...], desirable: torch.Tenso
     return (1 - value).mean()
 
 
-# -- 4. the loop ---------------------------------------------------------------------------------
+# -- 4. precision -------------------------------------------------------------------------------
+
+def _cpu_has_fast_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX-512 BF16 or AMX): ~4x its fp32 matmul rate here
+    (shared/FACTS.md). Without them oneDNN emulates bf16, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    import torch.backends.mkldnn
+    return (("avx512_bf16" in flags or "amx_bf16" in flags)
+            and torch.backends.mkldnn.is_available())
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for training and evaluation on ``device``, or None for none (fp32).
+
+    ``auto``: bf16 on CUDA, and on a CPU with native bf16; fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "auto") -> Any:
+    """The autocast context for ``compute_dtype`` (a null context for fp32)."""
+    dt = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dt) if dt is not None else nullcontext()
+
+
+def weights_dtype(cfg: Config) -> str:
+    """The dtype the trainer loads the frozen base in: bf16 when it computes in bf16 (half the
+    memory, no per-step casts), unless ``model.dtype`` names one; the LoRA weights and the
+    optimizer stay fp32 (peft upcasts adapters)."""
+    from guildtune.models import resolve_device
+
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    device, _ = resolve_device(cfg.model.device, "auto")
+    return "bfloat16" if compute_dtype(device, cfg.training.precision) else "auto"
+
+
+CPU_BATCH_TOKENS = 1024  # training.max_batch_tokens = 0 on a CPU: ~2 GB peak for SmolLM2-135M
+
+
+def batch_token_budget(cfg: Config, device: torch.device) -> int:
+    """Most tokens forwarded at once: ``training.max_batch_tokens``, or when 0 (auto) 1024 on a
+    CPU (bots share small hosts) and no cut on a GPU (its memory is the fit's own)."""
+    if cfg.training.max_batch_tokens > 0:
+        return cfg.training.max_batch_tokens
+    return CPU_BATCH_TOKENS if device.type == "cpu" else 1 << 30
+
+
+def token_slices(chunk: Sequence[Encoded], max_tokens: int) -> list[list[Encoded]]:
+    """``chunk`` in consecutive pieces whose padded size (rows x longest row) stays within
+    ``max_tokens``: the activation memory of a step is bounded by the budget, not by the
+    longest batch. Each piece is forwarded on its own; the gradient is the whole batch's."""
+    pieces: list[list[Encoded]] = []
+    current: list[Encoded] = []
+    width = 0
+    for e in sorted(chunk, key=lambda e: len(e.ids)):
+        w = max(width, len(e.ids))
+        if current and w * (len(current) + 1) > max_tokens:
+            pieces.append(current)
+            current, w = [], len(e.ids)
+        current.append(e)
+        width = w
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+# -- 5. the loop ---------------------------------------------------------------------------------
 
 # Layer types peft's LoRA adapts (transformers' GPT-2 style Conv1D is matched by name).
 _LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
@@ -321,8 +449,8 @@ def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
+    amp = autocast(device, t.precision)
+    budget = batch_token_budget(cfg, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     n_batches = math.ceil(len(items) / t.batch_size)
@@ -339,23 +467,27 @@ def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, t.learning_rate)
         step_loss = 0.0
-        for _ in range(t.grad_accum):
-            chunk = [items[i] for i in next(batches)]
-            ids, att, labels, weights = collate(chunk, pad_id, device)
-            with autocast:
-                nll, rows = token_nll(model, ids, att, labels)
-                w = weights[rows]
-                loss = (nll * w).sum() / w.sum()
-            (loss / t.grad_accum).backward()
-            step_loss += loss.item() / t.grad_accum
-            result.tokens += nll.numel()
-            result.seq_tokens += int(att.sum())
-            result.padded_tokens += ids.numel()
+        chunks = [[items[i] for i in next(batches)] for _ in range(t.grad_accum)]
+        # The step's loss is the weighted mean over every labelled token of its micro-batches,
+        # whatever pieces the token budget cuts them into.
+        denom = sum(e.weight * e.n_target for c in chunks for e in c)
+        for chunk in chunks:
+            for piece in token_slices(chunk, budget):
+                ids, att, labels, weights = collate(piece, pad_id, device)
+                with amp:
+                    nll, rows = token_nll(model, ids, att, labels)
+                    part = (nll * weights[rows]).sum() / denom
+                part.backward()
+                step_loss += part.item()
+                result.tokens += nll.numel()
+                result.seq_tokens += int(att.sum())
+                result.padded_tokens += ids.numel()
+                del ids, att, labels, weights, nll, rows, part
         if use_pref:
             k = max(1, min(t.batch_size // 2, len(neg_items)))
             mixed = pref_rng.sample(neg_items, k) + pref_rng.sample(items, min(k, len(items)))
             desirable = torch.tensor([e.desirable for e in mixed], device=device)
-            with autocast:
+            with amp:
                 pref = kto_loss(model, collate(mixed, pad_id, device), desirable,
                                 t.preference_beta)
             (t.preference_weight * pref).backward()

@@ -50,11 +50,15 @@ def check_allowed(store: Store, cfg: Config, guild_id: int, force: bool) -> None
 
 
 def load_base(cfg: Config, model_name: str | None = None) -> LoadedModel:
-    """The configured base model (or ``model_name``), cached under the data dir."""
+    """The configured base model (or ``model_name``) from the model cache (``cfg.model_cache``),
+    in the dtype the trainer computes in (``fit.weights_dtype``)."""
     from guildtune.models import load_model
 
+    from .fit import weights_dtype
+
     return load_model(model_name or cfg.model.name, device=cfg.model.device,
-                      dtype=cfg.model.dtype, cache_dir=cfg.data_dir, threads=cfg.model.threads)
+                      dtype=weights_dtype(cfg), cache_dir=cfg.model_cache,
+                      threads=cfg.model.threads)
 
 
 def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False,
@@ -71,8 +75,7 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     from storage import ConsentChangedError, utc_now
 
     from .data import build_dataset
-    from .evaluate import adapter_loss, base_loss, gate, heldout_loss
-    from .fit import fit
+    from .evaluate import gate
     from .publish import publish
 
     check_allowed(store, cfg, guild_id, force)
@@ -81,62 +84,30 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     # forget or an opt-out (or a new opt-in after a forget) during the run is never served.
     dataset_utc = utc_now()
     data = build_dataset(store, guild_id, cfg)
-    if not data.train:
-        st = data.stats
-        if not st.get("unique"):
-            raise TrainingError(f"guild {guild_id} has no training examples yet (liked replies, "
-                                "corrections, or member replies with learn_from_humans on)")
-        raise TrainingError(
-            f"guild {guild_id} has {st['unique']} examples but none left to train on: "
-            f"{st.get('capped_out', 0)} set aside by the per-member share cap "
-            f"(privacy.max_user_share = {cfg.privacy.max_user_share}: a community model needs "
-            f"data from several members), {st.get('n_heldout', 0)} held out for the gate")
-    if not data.heldout and not force:
-        raise TrainingError(f"guild {guild_id} has too few examples to hold any out for the "
-                            f"evaluation gate ({len(data.train)} examples)")
+    plan = data.stats["eval"]
+    if not data.train or (plan == "too few" and not force):
+        raise _not_enough(guild_id, data.stats, cfg)
     if progress:
         progress({"phase": "loading model", **data.stats})
     lm = loaded or load_base(cfg, model_name)
-    ml = cfg.training.max_seq_len
     # The bar is the newest clean version: a version trained on a forgotten member is never
     # what a candidate (a retrain without them, above all) has to beat.
     active = store.newest_clean_version(guild_id)
+    if active is not None and active.base_model != lm.base_id:
+        active = None  # trained on another base: not comparable, and not servable with this one
     try:
-        result = fit(lm.model, lm.tokenizer, data.train, cfg, negatives=data.negatives,
-                     progress=progress, should_stop=should_stop)
-        peft_model = result.model
-        if progress:
-            progress({"phase": "evaluating", "step": result.steps, "total_steps": result.steps})
-        metrics: dict[str, Any] = {
-            "n_train": len(data.train), "n_heldout": len(data.heldout),
-            "n_negatives": len(data.negatives), "steps": result.steps, "tokens": result.tokens,
-            "train_seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens_per_s, 1),
-            "train_loss": round(result.final_loss, 4), "stopped": result.stopped,
-            "base_model": lm.base_id, "data_fingerprint": data.fingerprint, "forced": force,
-        }
-        if data.heldout:
-            metrics["base_loss"] = base_loss(peft_model, lm.tokenizer, data.heldout, ml)
-            metrics["candidate_loss"] = heldout_loss(peft_model, lm.tokenizer, data.heldout,
-                                                     max_seq_len=ml)[0]
-            metrics["active_loss"] = None
-            metrics["active_version"] = active.version if active else None
-            if active is not None and active.base_model == lm.base_id:
-                # Only comparable on the base it was trained on; another base means the active
-                # version cannot be served with this model anyway.
-                try:
-                    metrics["active_loss"] = adapter_loss(peft_model, lm.tokenizer,
-                                                          data.heldout, active.path, ml)
-                except Exception as exc:  # its files are gone or broken: judge against base
-                    log.warning("guild %s: active version v%s cannot be evaluated (%s); the "
-                                "candidate is judged against the base model", guild_id,
-                                active.version, exc)
-                    metrics["active_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if plan == "k-fold":
+            peft_model, metrics = _judge_by_folds(lm, data, cfg, active, progress, should_stop)
+        else:
+            peft_model, metrics = _judge_by_time(lm, data, cfg, active, progress, should_stop)
+        metrics.update({"base_model": lm.base_id, "data_fingerprint": data.fingerprint,
+                        "forced": force, "active_version": active.version if active else None})
+        if "candidate_loss" in metrics:
             decision = gate(metrics["candidate_loss"], metrics["base_loss"],
                             metrics["active_loss"], cfg.training.eval_margin, force)
         else:
             from .evaluate import GateDecision
-            decision = GateDecision(True, "forced by an admin (no held-out data)")
+            decision = GateDecision(True, "forced by an admin (too few examples to judge)")
         metrics["gate"] = decision.reason
         metrics["total_seconds"] = round(time.perf_counter() - t0, 2)
         if not decision.promote:
@@ -167,3 +138,109 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+
+def _not_enough(guild_id: int, st: dict[str, Any], cfg: Config) -> NotEnoughData:
+    """Why a guild cannot train yet, and how many more usable examples the next run needs."""
+    from .data import MIN_EXAMPLES
+
+    usable = int(st.get("n_train", 0)) + int(st.get("n_heldout", 0))
+    needed = max(1, MIN_EXAMPLES - usable)
+    if not st.get("unique"):
+        return NotEnoughData(f"guild {guild_id} has no training examples yet (liked replies, "
+                             f"corrections, or member replies with learn_from_humans on); it "
+                             f"needs at least {MIN_EXAMPLES}", needed)
+    capped = int(st.get("capped_out", 0))
+    why = (f"; {capped} more were set aside by the per-member share cap "
+           f"(privacy.max_user_share = {cfg.privacy.max_user_share}: a community model needs "
+           "data from several members)" if capped else "")
+    return NotEnoughData(f"guild {guild_id} has {usable} usable examples; a run needs at least "
+                         f"{MIN_EXAMPLES} ({needed} more liked replies or corrections){why}",
+                         needed)
+
+
+def _fit_metrics(result: Any) -> dict[str, Any]:
+    return {"steps": result.steps, "tokens": result.tokens,
+            "train_seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "train_loss": round(result.final_loss, 4), "stopped": result.stopped}
+
+
+def _active_loss(peft_model: Any, lm: LoadedModel, examples: list[Any], active: Any,
+                 ml: int, metrics: dict[str, Any]) -> float | None:
+    from .evaluate import adapter_loss
+
+    if active is None:
+        return None
+    try:
+        return adapter_loss(peft_model, lm.tokenizer, examples, active.path, ml)
+    except Exception as exc:  # its files are gone or broken: judge against the base
+        log.warning("active version v%s cannot be evaluated (%s); the candidate is judged "
+                    "against the base model", active.version, exc)
+        metrics["active_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return None
+
+
+def _judge_by_time(lm: LoadedModel, data: Any, cfg: Config, active: Any,
+                   progress: Callable[[dict[str, Any]], None] | None,
+                   should_stop: Callable[[], str | None] | None) -> tuple[Any, dict[str, Any]]:
+    """Fit on the past, judge base, active and candidate on the newest slice (one model: the
+    adapters are switched, never copied)."""
+    from .evaluate import base_loss, heldout_loss
+    from .fit import fit
+
+    ml = cfg.training.max_seq_len
+    result = fit(lm.model, lm.tokenizer, data.train, cfg, negatives=data.negatives,
+                 progress=progress, should_stop=should_stop)
+    peft_model = result.model
+    metrics: dict[str, Any] = {"eval": "time split" if data.heldout else "none",
+                               "n_train": len(data.train), "n_heldout": len(data.heldout),
+                               "n_negatives": len(data.negatives), **_fit_metrics(result)}
+    if data.heldout:
+        if progress:
+            progress({"phase": "evaluating", "step": result.steps, "total_steps": result.steps})
+        metrics["base_loss"] = base_loss(peft_model, lm.tokenizer, data.heldout, ml)
+        metrics["candidate_loss"] = heldout_loss(peft_model, lm.tokenizer, data.heldout,
+                                                 max_seq_len=ml)[0]
+        metrics["active_loss"] = _active_loss(peft_model, lm, data.heldout, active, ml, metrics)
+    return peft_model, metrics
+
+
+def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
+                    progress: Callable[[dict[str, Any]], None] | None,
+                    should_stop: Callable[[], str | None] | None) -> tuple[Any, dict[str, Any]]:
+    """The gate for a small dataset: k blocks of time, each judged by an adapter trained on
+    the others (the candidate's loss is pooled over every example), then the adapter that is
+    published is trained on all of them. Every example is judged once, so a dataset too small
+    for a held-out slice still gets a gate, and the same data never fails for want of one."""
+    from .data import time_folds
+    from .evaluate import heldout_loss
+    from .fit import fit
+
+    ml = cfg.training.max_seq_len
+    folds = time_folds(data.train)
+    base = lm.model
+    total, count = 0.0, 0
+    for i, fold in enumerate(folds):
+        if progress:
+            progress({"phase": f"k-fold {i + 1}/{len(folds)}"})
+        rest = [e for j, f in enumerate(folds) if j != i for e in f]
+        result = fit(base, lm.tokenizer, rest, cfg, negatives=data.negatives,
+                     progress=progress, should_stop=should_stop)
+        loss, n = heldout_loss(result.model, lm.tokenizer, fold, max_seq_len=ml)
+        if n:
+            total, count = total + loss * n, count + n
+        base = result.model.unload()  # the base again, without this fold's LoRA layers
+    metrics: dict[str, Any] = {"eval": f"k-fold k={len(folds)}", "n_train": len(data.train),
+                               "n_heldout": 0, "n_negatives": len(data.negatives)}
+    if count:
+        metrics["candidate_loss"] = total / count
+        metrics["base_loss"] = heldout_loss(base, lm.tokenizer, data.train, max_seq_len=ml)[0]
+    if progress:
+        progress({"phase": "training"})
+    result = fit(base, lm.tokenizer, data.train, cfg, negatives=data.negatives,
+                 progress=progress, should_stop=should_stop)
+    metrics.update(_fit_metrics(result))
+    if count:
+        metrics["active_loss"] = _active_loss(result.model, lm, data.train, active, ml, metrics)
+    return result.model, metrics

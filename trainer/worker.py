@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from guildtune.policy import operator_block, training_block
+from guildtune.progress import ProgressLog
 
-from .pipeline import TrainingError
+from .pipeline import NotEnoughData, TrainingError
 
 if TYPE_CHECKING:
     from guildtune.config import Config
@@ -183,6 +184,17 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+def failure(exc: BaseException) -> dict[str, Any]:
+    """How a run that raised ``exc`` failed, as the child reports it and the run records it:
+    ``error``, one line (a TrainingError's own words, else the exception's type and message),
+    and for ``NotEnoughData`` ``needed``, how many more usable examples the next run needs."""
+    error = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
+    out: dict[str, Any] = {"error": error}
+    if isinstance(exc, NotEnoughData):
+        out["needed"] = int(exc.needed)
+    return out
+
+
 # -- the child process --------------------------------------------------------------------------
 
 def _watch_parent(parent_pid: int) -> None:
@@ -223,21 +235,37 @@ def _child_main(cfg: Config, run_id: int, guild_id: int, force: bool, worker: st
     def progress(p: dict[str, Any]) -> None:
         out.put(("progress", {**p, "pid": os.getpid()}))
 
+    # What the child sends: ("progress", dict) any number of times, then one ("result",
+    # TrainResult's fields) or ("error", ``failure(exc)``).
     try:
         res = train_guild(store, cfg, guild_id, force=force, run_id=run_id,
                           model_name=model_name, progress=progress, should_stop=should_stop)
         out.put(("result", {"status": res.status, "version": res.version,
                             "metrics": res.metrics, "reason": res.reason}))
-    except TrainingError as exc:
-        out.put(("error", str(exc)))
     except BaseException as exc:  # report anything; the parent turns it into a failed run
-        log.error("run %s crashed:\n%s", run_id, traceback.format_exc())
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
+        if not isinstance(exc, TrainingError):
+            log.error("run %s crashed:\n%s", run_id, traceback.format_exc())
+        out.put(("error", failure(exc)))
     finally:
         store.close()
 
 
 # -- the parent side ----------------------------------------------------------------------------
+
+def _fail(store: Store, run: Run, worker: str, failed: dict[str, Any]) -> bool:
+    """Close a run as failed with ``failure``'s fields: the error, and ``needed`` in the run's
+    metrics (where /tune status reads how many more examples the next run needs)."""
+    needed = failed.get("needed")
+    return store.finish_run(run.id, "failed", error=str(failed["error"])[:2000],
+                            metrics=None if needed is None else {"needed": needed},
+                            worker=worker)
+
+
+def progress_log(run: Run, *, quiet: bool = False) -> ProgressLog:
+    """Follows a run's progress: fills in each dict's phase and logs a line on each phase
+    change and every ~30 s in between (``quiet``: none; the caller shows progress itself)."""
+    return ProgressLog(f"run {run.id} (guild {run.guild_id})", logger=None if quiet else log)
+
 
 def _death_reason(exitcode: int | None) -> str:
     """Why a training child ended without a report, for the run's error and the admin."""
@@ -292,6 +320,7 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
                         args=(cfg, run.id, run.guild_id, run.force, worker, os.getpid(), out,
                               model_name))
     beat = Heartbeat(store, run.id, worker, cfg.training.lease_seconds)
+    follow = progress_log(run)
     beat.start()
     child.start()
     log.info("run %s (guild %s): training in child pid %s", run.id, run.guild_id, child.pid)
@@ -316,14 +345,14 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
                     try:
                         kind, payload = out.get(timeout=1.0)
                     except queue_mod.Empty:
-                        outcome = ("error", _death_reason(child.exitcode))
+                        outcome = ("error", {"error": _death_reason(child.exitcode)})
                         break
                 else:
                     if kill_at is not None and time.monotonic() > kill_at:
                         child.kill()
                     continue
             if kind == "progress":
-                beat.update(payload)
+                beat.update(follow.update(payload))
             else:
                 outcome = (kind, payload)
         child.join(30)
@@ -346,24 +375,28 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
         log.info("run %s (guild %s): %s %s", run.id, run.guild_id, status,
                  payload["version"] or payload["reason"])
         return status
-    store.finish_run(run.id, "failed", error=str(payload)[:2000], worker=worker)
-    log.warning("run %s (guild %s) failed: %s", run.id, run.guild_id, payload)
+    _fail(store, run, worker, payload)
+    log.warning("run %s (guild %s) failed: %s", run.id, run.guild_id, payload["error"])
     return "failed"
 
 
 def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
                 model_name: str | None = None, progress: Any = None) -> Any:
     """Train a claimed run in this process under a heartbeat and close it. Returns the
-    TrainResult; re-raises (after closing the run as failed) when it cannot train."""
+    TrainResult; re-raises (after closing the run as failed) when it cannot train.
+    ``progress`` gets each progress dict with its phase filled in; without it, progress is
+    logged (``progress_log``)."""
     from .pipeline import train_guild
 
     beat = Heartbeat(store, run.id, worker, cfg.training.lease_seconds)
+    follow = progress_log(run, quiet=progress is not None)
     beat.start()
 
     def on_progress(p: dict[str, Any]) -> None:
-        beat.update(p)
+        record = follow.update(p)
+        beat.update(record)
         if progress is not None:
-            progress(p)
+            progress(record)
 
     def should_stop() -> str | None:
         return "the run's lease was lost" if beat.lost.is_set() else None
@@ -373,8 +406,7 @@ def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
                           model_name=model_name, progress=on_progress, should_stop=should_stop)
     except BaseException as exc:
         beat.stop()
-        msg = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
-        store.finish_run(run.id, "failed", error=msg[:2000], worker=worker)
+        _fail(store, run, worker, failure(exc))
         raise
     beat.stop()
     store.finish_run(run.id, res.status, metrics=res.metrics, version=res.version,

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 
 def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
-                  cache_dir: Path | None = None) -> Engine:
+                  cache_dir: Path | None = None, data_dir: Path | None = None) -> Engine:
     """The configured backend: a LocalEngine on the loaded model, or a VllmEngine client.
 
+    ``cache_dir`` is the model cache (``Config.model_cache``; None: the default one);
+    ``data_dir`` is the data dir the adapters come from, which names them on a vLLM server
+    (None: ``cache_dir``, for callers that keep both in one directory, else the cwd).
     Loading a local model takes seconds: call this off the event loop (e.g. asyncio.to_thread).
     """
     if model_cfg.backend == "vllm":
@@ -29,7 +32,8 @@ def create_engine(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
         # server carry the data dir they come from.
         _, base_id = resolve_checkpoint(model_cfg.name, cache_dir)
         return VllmEngine(model_cfg, lora_cfg, load_tokenizer(model_cfg.name, cache_dir),
-                          instance=instance_id(cache_dir or Path.cwd()), base_id=base_id)
+                          instance=instance_id(data_dir or cache_dir or Path.cwd()),
+                          base_id=base_id)
     from bot.engine.local import LocalEngine
     from guildtune.models import load_model
 
