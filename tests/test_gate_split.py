@@ -120,9 +120,22 @@ def test_twenty_liked_replies_train_a_first_adapter_and_the_same_data_never_fail
     assert phases[-1] == "training"  # the published adapter is trained on all 20
     assert store.active_version(G).version == res.version
     # Again on the same data: judged against that version now, and it runs (never "too few").
+    # Nothing is newer than the version, so it is judged on all 20 (a bar it trained on).
     again = train_guild(store, cfg, G)
     assert again.status in ("succeeded", "rejected")
     assert again.metrics["active_loss"] is not None and again.metrics["eval"] == "k-fold k=5"
+    assert again.metrics["n_judged_vs_active"] == 20
+    # Twelve new replies: the active version is judged on those alone (it never saw them),
+    # against the fold adapters' losses on the same twelve.
+    bar = store.active_version(G)
+    liked_replies(store, G, 12, start=20)
+    third = train_guild(store, cfg, G)
+    m3 = third.metrics
+    assert m3["active_version"] == bar.version and m3["n_judged_vs_active"] == 12
+    assert m3["candidate_vs_active_loss"] != m3["candidate_loss"]
+    assert (third.status == "succeeded") == (
+        m3["candidate_vs_active_loss"] <= m3["active_loss"] * (1 - cfg.training.eval_margin)
+        and m3["candidate_loss"] < m3["base_loss"])
     store.close()
 
 
@@ -209,8 +222,8 @@ def _one_step(cfg_sections: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     if seen is not None:
         real = fit_mod.collate
 
-        def spy(items, pad_id, device):  # type: ignore[no-untyped-def]
-            out = real(items, pad_id, device)
+        def spy(items, pad_id, device, multiple=1):  # type: ignore[no-untyped-def]
+            out = real(items, pad_id, device, multiple)
             seen.append(out[0].numel())
             return out
         monkeypatch.setattr(fit_mod, "collate", spy)
@@ -243,3 +256,21 @@ def test_precision_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fit_mod.weights_dtype(cfg) == "bfloat16"
     assert fit_mod.weights_dtype(cfg.replace(training={"precision": "fp32"})) == "auto"
     assert fit_mod.weights_dtype(cfg.replace(model={"dtype": "float32"})) == "float32"
+
+
+def test_the_fits_attention_on_a_cpu_gives_the_models_own_numbers() -> None:
+    """The training attention (softmax kept in bf16, eager matmuls) is the same function as the
+    model's own attention: causal, padding-masked, at every labelled position."""
+    lm = load_model(TINY, dtype="float32")
+    r = random.Random(5)
+    items = [fit_mod.Encoded(ids := [r.randrange(3, 500) for _ in range(r.randint(5, 40))],
+                             [fit_mod.IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:], 1.0)
+             for _ in range(6)]
+    ids, att, labels, _ = fit_mod.collate(items, 0, torch.device("cpu"), 32)
+    with torch.no_grad():
+        ref, _ = fit_mod.token_nll(lm.model, ids, att, labels)
+        with fit_mod.training_attention(lm.model, torch.device("cpu")):
+            assert lm.model.config._attn_implementation == fit_mod.TRAIN_ATTENTION
+            ours, _ = fit_mod.token_nll(lm.model, ids, att, labels)
+    assert lm.model.config._attn_implementation == "sdpa"  # given back after the fit
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()

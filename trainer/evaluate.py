@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .data import Example
-from .fit import bucketed_batches, collate, encode_all, token_nll
+from .fit import autocast, bucketed_batches, collate, encode_all, token_nll
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +29,16 @@ def heldout_loss(model: Any, tokenizer: Any, examples: Sequence[Example], *, max
     if not items:
         return float("nan"), 0
     device = next(model.parameters()).device
+    # The fit's precision: a base loaded in bf16 (fit.weights_dtype) is computed in bf16.
+    bf16 = model.get_input_embeddings().weight.dtype == torch.bfloat16
+    precision = "bf16" if bf16 else "fp32"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
     for batch in bucketed_batches(items, batch_size, random.Random(0)):
         ids, att, labels, _ = collate([items[i] for i in batch], pad_id, device)
-        with autocast:
+        with autocast(device, precision, model):
             nll, _ = token_nll(model, ids, att, labels)
         total += float(nll.double().sum())
         count += nll.numel()
@@ -73,15 +73,19 @@ class GateDecision:
 
 
 def gate(candidate: float, base: float, active: float | None, margin: float,
-         force: bool = False) -> GateDecision:
-    """Promote when the candidate beats the base and the active version by ``margin``."""
+         force: bool = False, candidate_vs_active: float | None = None) -> GateDecision:
+    """Promote when the candidate beats the base and the active version by ``margin``.
+
+    ``candidate_vs_active``: the candidate's loss on the examples the active version was judged
+    on (those it cannot have trained on, ``pipeline.unseen_by``), when not all of them."""
     if force:
         return GateDecision(True, "forced by an admin")
     if not candidate < base:
         return GateDecision(False, f"candidate loss {candidate:.4f} does not beat the base "
                                    f"model's {base:.4f}")
-    if active is not None and not candidate <= active * (1 - margin):
-        return GateDecision(False, f"candidate loss {candidate:.4f} does not beat the active "
+    mine = candidate if candidate_vs_active is None else candidate_vs_active
+    if active is not None and not mine <= active * (1 - margin):
+        return GateDecision(False, f"candidate loss {mine:.4f} does not beat the active "
                                    f"version's {active:.4f} by {margin:.1%}")
     return GateDecision(True, "candidate beats the base" +
                         ("" if active is None else " and the active version"))

@@ -104,7 +104,8 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
                         "forced": force, "active_version": active.version if active else None})
         if "candidate_loss" in metrics:
             decision = gate(metrics["candidate_loss"], metrics["base_loss"],
-                            metrics["active_loss"], cfg.training.eval_margin, force)
+                            metrics["active_loss"], cfg.training.eval_margin, force,
+                            candidate_vs_active=metrics.get("candidate_vs_active_loss"))
         else:
             from .evaluate import GateDecision
             decision = GateDecision(True, "forced by an admin (too few examples to judge)")
@@ -159,6 +160,28 @@ def _not_enough(guild_id: int, st: dict[str, Any], cfg: Config) -> NotEnoughData
                          needed)
 
 
+MIN_UNSEEN = 4  # fewer examples newer than the active version: judge it on all (a harder bar)
+
+
+def unseen_by(active: Any, examples: list[Any]) -> list[Any]:
+    """The examples written after ``active`` was published: certainly not in its training data,
+    so its loss on them is not flattered by memory. Fewer than MIN_UNSEEN: all ``examples`` (the
+    bar is then higher than it should be, never lower)."""
+    from storage.times import parse_utc
+
+    if active is None:
+        return examples
+    since = parse_utc(active.created_utc)
+    fresh = []
+    for e in examples:
+        try:
+            if e.created_utc and parse_utc(e.created_utc) > since:
+                fresh.append(e)
+        except ValueError:
+            continue
+    return fresh if len(fresh) >= MIN_UNSEEN else examples
+
+
 def _fit_metrics(result: Any) -> dict[str, Any]:
     return {"steps": result.steps, "tokens": result.tokens,
             "train_seconds": round(result.seconds, 2),
@@ -202,7 +225,12 @@ def _judge_by_time(lm: LoadedModel, data: Any, cfg: Config, active: Any,
         metrics["base_loss"] = base_loss(peft_model, lm.tokenizer, data.heldout, ml)
         metrics["candidate_loss"] = heldout_loss(peft_model, lm.tokenizer, data.heldout,
                                                  max_seq_len=ml)[0]
-        metrics["active_loss"] = _active_loss(peft_model, lm, data.heldout, active, ml, metrics)
+        judged = unseen_by(active, data.heldout)
+        metrics["active_loss"] = _active_loss(peft_model, lm, judged, active, ml, metrics)
+        if active is not None:
+            metrics["n_judged_vs_active"] = len(judged)
+            metrics["candidate_vs_active_loss"] = heldout_loss(
+                peft_model, lm.tokenizer, judged, max_seq_len=ml)[0]
     return peft_model, metrics
 
 
@@ -219,8 +247,10 @@ def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
 
     ml = cfg.training.max_seq_len
     folds = time_folds(data.train)
+    judged = {e.key for e in unseen_by(active, data.train)}
     base = lm.model
     total, count = 0.0, 0
+    vs_active, n_vs_active = 0.0, 0
     for i, fold in enumerate(folds):
         if progress:
             progress({"phase": f"k-fold {i + 1}/{len(folds)}"})
@@ -230,6 +260,10 @@ def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
         loss, n = heldout_loss(result.model, lm.tokenizer, fold, max_seq_len=ml)
         if n:
             total, count = total + loss * n, count + n
+        mine = [e for e in fold if e.key in judged]
+        if active is not None and mine:
+            loss, n = heldout_loss(result.model, lm.tokenizer, mine, max_seq_len=ml)
+            vs_active, n_vs_active = vs_active + loss * n, n_vs_active + n
         base = result.model.unload()  # the base again, without this fold's LoRA layers
     metrics: dict[str, Any] = {"eval": f"k-fold k={len(folds)}", "n_train": len(data.train),
                                "n_heldout": 0, "n_negatives": len(data.negatives)}
@@ -242,5 +276,10 @@ def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
                  progress=progress, should_stop=should_stop)
     metrics.update(_fit_metrics(result))
     if count:
-        metrics["active_loss"] = _active_loss(result.model, lm, data.train, active, ml, metrics)
+        judged_examples = [e for e in data.train if e.key in judged]
+        metrics["active_loss"] = _active_loss(result.model, lm, judged_examples, active, ml,
+                                              metrics)
+        if active is not None and n_vs_active:
+            metrics["n_judged_vs_active"] = len(judged_examples)
+            metrics["candidate_vs_active_loss"] = vs_active / n_vs_active
     return result.model, metrics
