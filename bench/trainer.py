@@ -5,7 +5,8 @@ LoRA shape, steps, batch size and learning rate; each variant in its own process
 RSS is its own:
 
 - ``before``: the fit as it was (fp32 weights and compute, whole batches however long, the
-  vocab logits of every labelled position kept for the backward, LoRA dropout 0.05);
+  vocab logits of every labelled position kept for the backward, SDPA attention, no padding
+  to 32, LoRA dropout 0.05);
 - ``ours``: the fit as configured by default (``training.precision`` auto: bf16 where the machine
   multiplies it natively, batches cut to ``training.max_batch_tokens``, the fused output layer);
 - ``trainer``: ``Trainer`` + peft the default way (DataCollatorForSeq2Seq padding to the longest,
@@ -26,6 +27,7 @@ time-split gate, publish) and reads its peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -164,6 +166,8 @@ def variant(args: argparse.Namespace) -> dict:
             return torch.nn.functional.cross_entropy(head(hidden).float(), targets,
                                                      reduction="none")
         fit_mod.head_nll = plain  # the output layer as it was: logits kept for the backward
+        fit_mod.training_attention = lambda model, device: contextlib.nullcontext()  # SDPA
+        fit_mod.PAD_MULTIPLE = 1  # widths as long as the longest row
     elif v == "ours":
         dtype = fit_mod.weights_dtype(cfg)
     else:

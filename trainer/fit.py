@@ -1,16 +1,21 @@
 """The LoRA fit, readable top to bottom.
 
     examples -> token ids + labels (loss on the final assistant turn only)
-             -> length-bucketed batches (padding is not computed)
-             -> LoRA of the configured shape on the base model
+             -> length-bucketed batches (padding is not computed), widths padded to 32
+             -> each batch in pieces of at most training.max_batch_tokens (same gradient)
+             -> LoRA of the configured shape on the base model, frozen in bf16 where the
+                machine multiplies bf16 natively (adapter and optimizer in fp32)
              -> AdamW, warmup + cosine, grad accumulation, clipping
              -> per step: forward the backbone, slice hidden states to the labelled positions,
-                run lm_head only there (a 49k vocab times every position is the biggest cost on
-                CPU), weighted cross entropy [+ optional KTO-style preference term]
+                run lm_head only there, in slices, with its gradient computed on the way
+                (no vocab-sized logits kept for the backward), weighted cross entropy
+                [+ optional KTO-style preference term]
              -> stop at the step budget, the time budget, or when asked (lease lost)
 
-Measured on this kind of CPU (shared/FACTS.md): slicing before lm_head and length bucketing took
-SmolLM2-135M from 40-140 to 215-265 supervised tokens/s.
+Measured on this kind of CPU (bench/trainer.py, bench/README.md): slicing before lm_head and
+length bucketing took SmolLM2-135M from 40-140 to 215-265 supervised tokens/s; bf16, the
+token budget, the fused output layer and the fit's own attention then halved the peak memory
+and raised the throughput again.
 """
 
 from __future__ import annotations
