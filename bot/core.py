@@ -394,6 +394,11 @@ class Core:
         gs = await self._db(store.guild_settings, guild_id)
         active = await self._db(store.active_version, guild_id)
         runs = await self._db(store.runs, guild_id, 10)
+        last = next((r for r in runs if r.status in ("succeeded", "failed", "rejected")), None)
+        if last is not None and (last.metrics or {}).get("needed") is not None:
+            # What arrived since that run read its data counts toward what it said it needed.
+            stats["examples_since_last_run"] = await self._db(
+                store.examples_since, guild_id, last.created_utc)
         cfg = self.s.config
         tainted = None
         if active is not None and active.tainted_utc is not None:

@@ -127,7 +127,8 @@ class StatusReport:
                 if last.finished_utc else ")"
             if last.version is not None:
                 last_text += f" → v{last.version}"
-            last_text += _outcome(last.metrics, last.error)
+            last_text += _outcome(last.metrics, last.error,
+                                  int(stats.get("examples_since_last_run") or 0))
         running = None
         open_run = stats.get("open_run")
         if open_run:
@@ -151,15 +152,17 @@ def _clip(text: str, limit: int = FIELD_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _outcome(metrics: dict[str, Any] | None, error: str | None) -> str:
+def _outcome(metrics: dict[str, Any] | None, error: str | None, arrived: int = 0) -> str:
     """How a finished run ended, after its id: the gate in one line (``gate_line``), or for a
-    run that failed for lack of data how many more examples the next one needs, then the
-    error when it says more than the gate's reason."""
+    run that failed for lack of data how many more examples the next one needs (less the
+    ``arrived`` since it ran), then the error when it says more than the gate's reason."""
     metrics = metrics or {}
     out = ""
     needed = metrics.get("needed")
     if isinstance(needed, int) and not isinstance(needed, bool):
-        out += f": {needed_line(needed)}"
+        left = needed - arrived
+        out += (f": {needed_line(left)}" if left > 0 else
+                f": enough new examples have arrived for the next run (it needed {needed})")
     gate = gate_line(metrics)
     if gate:
         out += f"; {gate}"

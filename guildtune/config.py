@@ -177,6 +177,11 @@ class LoraConfig:
                 "target_modules": sorted(self.target_modules)}
 
 
+# The fit pads batch widths to a multiple of this (trainer.fit.padded_width); the token budget
+# must hold one padded row.
+TRAIN_PAD_MULTIPLE = 32
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     enabled: bool = False
@@ -232,9 +237,11 @@ class TrainingConfig:
         _positive("training.batch_size", self.batch_size)
         _positive("training.grad_accum", self.grad_accum)
         _check(self.max_seq_len >= 16, "training.max_seq_len", self.max_seq_len, "must be >= 16")
-        _check(self.max_batch_tokens == 0 or self.max_batch_tokens >= self.max_seq_len,
+        row = -(-self.max_seq_len // TRAIN_PAD_MULTIPLE) * TRAIN_PAD_MULTIPLE
+        _check(self.max_batch_tokens == 0 or self.max_batch_tokens >= row,
                "training.max_batch_tokens", self.max_batch_tokens,
-               f"0 (auto) or >= training.max_seq_len ({self.max_seq_len})")
+               f"0 (auto) or at least one padded row: training.max_seq_len ({self.max_seq_len}) "
+               f"rounded up to {TRAIN_PAD_MULTIPLE}, {row}")
         _check(self.precision in ("auto", "bf16", "fp32"), "training.precision",
                self.precision, 'one of "auto", "bf16", "fp32"')
         _positive("training.max_examples", self.max_examples)

@@ -127,8 +127,17 @@ def gate_line(metrics: Mapping[str, Any] | None) -> str:
         version = metrics.get("active_version")
         if version is not None:
             active = metrics.get("active_loss")
-            out += (f" vs active v{version} {_loss(active)}" if active is not None else
-                    f" (active v{version} not comparable)")
+            mine = metrics.get("candidate_vs_active_loss")
+            n = metrics.get("n_judged_vs_active")
+            if active is None:
+                out += f" (active v{version} not comparable)"
+            elif mine is not None and n is not None:
+                # The active version is judged on what it never saw (trainer.pipeline.unseen_by)
+                # and the candidate on the same examples.
+                out += (f"; against v{version} on {n} examples: candidate {_loss(mine)} vs "
+                        f"v{version} {_loss(active)}")
+            else:
+                out += f" vs active v{version} {_loss(active)}"
         how = [str(metrics["eval"])] if metrics.get("eval") else []
         if metrics.get("n_heldout") is not None:
             how.append(f"{metrics['n_heldout']} held out")

@@ -250,11 +250,11 @@ def test_precision_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fit_mod, "_cpu_has_fast_bf16", lambda: False)
     assert fit_mod.compute_dtype(cpu, "auto") is None
     cfg = parse_config({"model": {"device": "cpu"}})
-    assert fit_mod.weights_dtype(cfg) == "auto"  # fp32 weights where bf16 is slow
+    assert fit_mod.weights_dtype(cfg) == "float32"  # fp32 weights where bf16 is slow
     monkeypatch.setattr(fit_mod, "_cpu_has_fast_bf16", lambda: True)
     assert fit_mod.compute_dtype(cpu, "auto") is torch.bfloat16
     assert fit_mod.weights_dtype(cfg) == "bfloat16"
-    assert fit_mod.weights_dtype(cfg.replace(training={"precision": "fp32"})) == "auto"
+    assert fit_mod.weights_dtype(cfg.replace(training={"precision": "fp32"})) == "float32"
     assert fit_mod.weights_dtype(cfg.replace(model={"dtype": "float32"})) == "float32"
 
 

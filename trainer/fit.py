@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from guildtune.config import TRAIN_PAD_MULTIPLE
 from guildtune.prompting import (
     TemplateTokens,
     fit_messages,
@@ -172,7 +173,7 @@ def bucketed_batches(items: Sequence[Encoded], batch_size: int, rng: random.Rand
     return batches
 
 
-PAD_MULTIPLE = 32  # batch widths the fit pads to; see padded_width
+PAD_MULTIPLE = TRAIN_PAD_MULTIPLE  # batch widths the fit pads to (32); see padded_width
 
 
 def padded_width(longest: int, multiple: int = 1) -> int:
@@ -278,6 +279,11 @@ def _seq_logp(model: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return -torch.zeros(ids.shape[0], device=nll.device).index_add(0, rows, nll)
 
 
+def _kto_value(r: torch.Tensor, z: torch.Tensor, desirable: torch.Tensor,
+               beta: float) -> torch.Tensor:
+    return torch.where(desirable, torch.sigmoid(beta * (r - z)), torch.sigmoid(beta * (z - r)))
+
+
 def kto_loss(model: Any, batch: tuple[torch.Tensor, ...], desirable: torch.Tensor,
              beta: float) -> torch.Tensor:
     """KTO-style unpaired preference term (Ethayarajh et al. 2024), reference = the base model
@@ -288,8 +294,37 @@ def kto_loss(model: Any, batch: tuple[torch.Tensor, ...], desirable: torch.Tenso
         ref = _seq_logp(model, batch)
     r = policy - ref
     z = r.detach().mean().clamp(min=0)
-    value = torch.where(desirable, torch.sigmoid(beta * (r - z)), torch.sigmoid(beta * (z - r)))
-    return (1 - value).mean()
+    return (1 - _kto_value(r, z, desirable, beta)).mean()
+
+
+def kto_backward(model: Any, mixed: Sequence[Encoded], pad_id: int, device: torch.device,
+                 beta: float, weight: float, budget: int, amp: Callable[[], Any]) -> float:
+    """``weight`` x kto_loss over ``mixed``, its gradient accumulated piece by piece within the
+    token budget: a no-grad pass first gives every row's reference and the batch's baseline z,
+    then each piece's policy term is forwarded with the gradient. Same value as one batch."""
+    pieces = token_slices(mixed, budget, PAD_MULTIPLE)
+    refs: list[torch.Tensor] = []
+    rs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for piece in pieces:
+            batch = collate(piece, pad_id, device, PAD_MULTIPLE)
+            with amp():
+                policy = _seq_logp(model, batch)
+                with model.disable_adapter():
+                    ref = _seq_logp(model, batch)
+            refs.append(ref)
+            rs.append(policy - ref)
+    z = torch.cat(rs).mean().clamp(min=0)
+    total = 0.0
+    for piece, ref in zip(pieces, refs, strict=True):
+        batch = collate(piece, pad_id, device, PAD_MULTIPLE)
+        desirable = torch.tensor([e.desirable for e in piece], device=device)
+        with amp():
+            r = _seq_logp(model, batch) - ref
+            part = weight * (1 - _kto_value(r, z, desirable, beta)).sum() / len(mixed)
+        part.backward()
+        total += part.item()
+    return total
 
 
 # -- 4. precision -------------------------------------------------------------------------------
@@ -339,6 +374,9 @@ def autocast(device: torch.device, precision: str = "auto", model: Any = None) -
 
 
 TRAIN_ATTENTION = "guildtune_train"
+# Model types whose attention is exactly softmax(q k^T * scale + mask) v (no softcapping, sinks
+# or other terms): the fit's attention replaces theirs on a CPU; any other keeps its own.
+PLAIN_ATTENTION = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 def _train_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -349,6 +387,9 @@ def _train_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     backward, 3x the memory of this one at bf16."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
+    unknown = sorted(k for k in ("softcap", "sinks", "s_aux") if _.get(k) is not None)
+    if unknown:  # training_attention swaps it in only for plain attention; refuse, never drop
+        raise NotImplementedError(f"the fit's attention does not implement {', '.join(unknown)}")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -371,7 +412,9 @@ def training_attention(model: Any, device: torch.device) -> Iterator[None]:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(base.config, "_attn_implementation", None)
-    if device.type != "cpu" or before not in ("sdpa", "eager") or not hasattr(
+    plain = (getattr(base.config, "model_type", None) in PLAIN_ATTENTION
+             and getattr(base.config, "attn_logit_softcapping", None) is None)
+    if device.type != "cpu" or before not in ("sdpa", "eager") or not plain or not hasattr(
             base, "set_attn_implementation"):
         yield
         return
@@ -393,7 +436,7 @@ def weights_dtype(cfg: Config) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     device, _ = resolve_device(cfg.model.device, "auto")
-    return "bfloat16" if compute_dtype(device, cfg.training.precision) else "auto"
+    return "bfloat16" if compute_dtype(device, cfg.training.precision) else "float32"
 
 
 CPU_BATCH_TOKENS = 1024  # training.max_batch_tokens = 0 on a CPU: ~2 GB peak for SmolLM2-135M
@@ -501,12 +544,14 @@ def _micro_batches(items: Sequence[Encoded], batch_size: int, seed: int) -> Iter
 
 def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
         negatives: Sequence[Example] = (), progress: Progress | None = None,
-        should_stop: Callable[[], str | None] | None = None) -> FitResult:
+        should_stop: Callable[[], str | None] | None = None,
+        time_budget_s: float | None = None) -> FitResult:
     """Train a LoRA adapter of shape ``cfg.lora`` on ``train``; returns the peft model.
 
     ``progress`` gets a dict every step (step, total_steps, loss, tokens, tokens_per_s,
     elapsed_s, eta_s). ``should_stop`` is polled every step; a reason string raises
-    TrainingStopped. The time budget ends training early but keeps the result."""
+    TrainingStopped. The time budget (``time_budget_s``, else ``training.time_budget_minutes``)
+    ends training early but keeps the result."""
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -530,7 +575,7 @@ def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
     total = plan_steps(n_batches, cfg)
     batches = _micro_batches(items, t.batch_size, t.seed)
     pref_rng = random.Random(t.seed + 1)
-    budget_s = t.time_budget_minutes * 60
+    budget_s = t.time_budget_minutes * 60 if time_budget_s is None else time_budget_s
     result = FitResult(model, 0, 0, 0, 0, 0.0)
     start = time.perf_counter()
     log.info("fit: %d examples (%d negatives), %d steps of %d x %d", len(items), len(neg_items),
@@ -560,11 +605,9 @@ def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
             if use_pref:
                 k = max(1, min(t.batch_size // 2, len(neg_items)))
                 mixed = pref_rng.sample(neg_items, k) + pref_rng.sample(items, min(k, len(items)))
-                desirable = torch.tensor([e.desirable for e in mixed], device=device)
-                with autocast(device, t.precision, model):
-                    pref = kto_loss(model, collate(mixed, pad_id, device), desirable,
-                                    t.preference_beta)
-                (t.preference_weight * pref).backward()
+                kto_backward(model, mixed, pad_id, device, t.preference_beta,
+                             t.preference_weight, budget,
+                             lambda: autocast(device, t.precision, model))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -251,12 +251,30 @@ def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
     base = lm.model
     total, count = 0.0, 0
     vs_active, n_vs_active = 0.0, 0
+    # The run's time budget is shared by the k fold fits and the final one, and its ETA counts
+    # the fits still to come (each about as long as the current one).
+    budget_s, spent, stopped = cfg.training.time_budget_minutes * 60, 0.0, 0
+
+    def ahead(fits_after: int) -> Callable[[dict[str, Any]], None] | None:
+        if progress is None:
+            return None
+
+        def emit(p: dict[str, Any]) -> None:
+            if fits_after and "eta_s" in p and "elapsed_s" in p:
+                p = {**p, "eta_s": round(p["eta_s"] + fits_after * (p["elapsed_s"]
+                                                                    + p["eta_s"]), 1)}
+            progress(p)
+        return emit
+
     for i, fold in enumerate(folds):
         if progress:
             progress({"phase": f"k-fold {i + 1}/{len(folds)}"})
         rest = [e for j, f in enumerate(folds) if j != i for e in f]
         result = fit(base, lm.tokenizer, rest, cfg, negatives=data.negatives,
-                     progress=progress, should_stop=should_stop)
+                     progress=ahead(len(folds) - i), should_stop=should_stop,
+                     time_budget_s=(budget_s - spent) / (len(folds) + 1 - i))
+        spent += result.seconds
+        stopped += result.stopped is not None
         loss, n = heldout_loss(result.model, lm.tokenizer, fold, max_seq_len=ml)
         if n:
             total, count = total + loss * n, count + n
@@ -273,8 +291,10 @@ def _judge_by_folds(lm: LoadedModel, data: Any, cfg: Config, active: Any,
     if progress:
         progress({"phase": "training"})
     result = fit(base, lm.tokenizer, data.train, cfg, negatives=data.negatives,
-                 progress=progress, should_stop=should_stop)
+                 progress=progress, should_stop=should_stop,
+                 time_budget_s=max(0.0, budget_s - spent))
     metrics.update(_fit_metrics(result))
+    metrics["folds_stopped"] = stopped  # fold fits cut short by the time budget
     if count:
         judged_examples = [e for e in data.train if e.key in judged]
         metrics["active_loss"] = _active_loss(result.model, lm, judged_examples, active, ml,
