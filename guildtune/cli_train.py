@@ -174,7 +174,7 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     """Base vs active adapter on the held-out reply pairs of a community file."""
     from guildtune.community import read_community, stable_hash
-    from trainer.data import examples_from_messages, split_heldout, system_prompt
+    from trainer.data import examples_from_messages, heldout_of, system_prompt
 
     store = _store(cfg)
     try:
@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     examples = examples_from_messages(read_community(args.data), system)
-    held = split_heldout(examples, cfg.training.heldout_fraction)[1]
+    held = heldout_of(examples, cfg)
     if args.max_pairs > 0:
         held = sorted(held, key=lambda e: stable_hash("eval", e.key))[:args.max_pairs]
     if not held:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -274,3 +275,40 @@ def test_the_fits_attention_on_a_cpu_gives_the_models_own_numbers() -> None:
             ours, _ = fit_mod.token_nll(lm.model, ids, att, labels)
     assert lm.model.config._attn_implementation == "sdpa"  # given back after the fit
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_eval_of_a_file_never_scores_an_adapter_on_pairs_it_trained_on(tmp_path: Path) -> None:
+    """A file longer than training.max_examples: the run trains on its newest 60 and holds out
+    the newest of those; ``guildtune eval`` of the same file judges on exactly that slice, never
+    on the file's newest 15% (which holds pairs the run trained on)."""
+    from guildtune.community import read_jsonl
+    from trainer.data import examples_from_messages, heldout_of, system_prompt
+
+    lines = []
+    for i in range(400):
+        lines.append(json.dumps({
+            "community": "t", "part": 0, "seq": i, "author_id": 1 + i % 7,
+            "time": f"2024-03-{1 + i // 100:02d}T{(i // 10) % 10:02d}:{i % 60:02d}:00",
+            "text": f"question {i}?" if i % 2 == 0 else f"answer {i} ok",
+            "reply_to": [] if i % 2 == 0 else [i - 1]}))
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(lines), encoding="utf-8")
+    cfg = make_config(tmp_path, TINY_TRAINER, training={"max_examples": 150},
+                      privacy={"max_user_share": 1.0})
+    store = open_store(cfg.db_path)
+    store.import_messages(G, [m.as_store_row() for m in read_jsonl(f)])
+    store.update_guild_settings(G, learn_from_humans=True, training_enabled=True)
+    system = system_prompt(store, G, cfg.model.system_prompt)
+    file_examples = examples_from_messages(read_jsonl(f), system)
+    for cap, plan in ((150, "time split"), (60, "k-fold")):
+        c = cfg.replace(training={"max_examples": cap})
+        data = build_dataset(store, G, c)
+        assert data.stats["eval"] == plan and len(data.train) + len(data.heldout) == cap
+        trained = {e.key for e in data.train}
+        held = {e.key for e in heldout_of(file_examples, c)}
+        assert held and not held & trained, plan
+        if plan == "time split":
+            assert held == {e.key for e in data.heldout}  # the very slice the gate used
+        naive = {e.key for e in split_heldout(file_examples, c.training.heldout_fraction)[1]}
+        assert naive & trained  # what eval scored before: pairs the adapter trained on
+    store.close()

@@ -160,6 +160,20 @@ def split_heldout(examples: Iterable[Example], fraction: float) -> tuple[list[Ex
     return ordered[:len(ordered) - n_held], ordered[len(ordered) - n_held:]
 
 
+def heldout_of(examples: Iterable[Example], cfg: Any) -> list[Example]:
+    """The held-out slice a training run on ``examples`` would judge on: the newest
+    ``training.max_examples`` (a run trains on no more), deduplicated, then their newest
+    ``heldout_fraction`` (for a set judged by k-fold, which trains on all it uses: the pairs
+    older than those). ``guildtune eval`` of a community file uses it, so an adapter trained on
+    that file is never scored on pairs it trained on."""
+    t = cfg.training
+    newest = dedupe(sorted(examples, key=lambda e: e.created_utc, reverse=True))
+    used = newest[:t.max_examples]
+    if evaluation_plan(len(used), t.heldout_fraction) == "time split":
+        return split_heldout(used, t.heldout_fraction)[1]
+    return newest[t.max_examples:]  # the k-fold gate trains on all it uses: only the rest
+
+
 def time_folds(examples: Iterable[Example], k: int = FOLDS) -> list[list[Example]]:
     """``k`` contiguous blocks of time (oldest first), for the k-fold gate of a small dataset:
     each block is judged by an adapter trained on all the others."""
