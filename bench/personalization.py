@@ -2,9 +2,12 @@
 
 For each community in ../shared/data/irc: `guildtune import` it into its own guild, `guildtune
 train` an adapter on the reply pairs of its training split, then `guildtune eval` the base model
-and every adapter on every community's held-out pairs (the same deterministic split, so no
-adapter is scored on pairs it trained on). Goal: on every community's data its own adapter has the
-lowest loss of all adapters, clearly below the base model.
+and every adapter on every community's held-out pairs. The split is the gate's time split: a
+community trains on its earlier pairs and is scored on its newest (``trainer.data.heldout_of``, the
+slice its own run held out), as a live guild is; no adapter is scored on pairs it trained on.
+Goal: on every community's data its own adapter has the lowest loss of all adapters, clearly
+below the base model. The random-split matrix of before issue 13 is kept beside it
+(results/personalization-random-split.md).
 
     .venv/bin/python bench/personalization.py [--model smollm2-135m] [--max-examples 300]
         [--max-pairs 60] [--communities rust,linux,...]
