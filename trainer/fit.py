@@ -625,7 +625,7 @@ def fit(model: Any, tokenizer: Any, train: Sequence[Example], cfg: Config, *,
             if elapsed > budget_s and step + 1 < total:
                 result.stopped = "time budget"
                 log.warning("fit: time budget of %.1f min reached at step %d/%d",
-                            t.time_budget_minutes, step + 1, total)
+                            budget_s / 60, step + 1, total)
                 break
 
     result.seconds = time.perf_counter() - start
