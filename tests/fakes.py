@@ -536,3 +536,25 @@ def liked_replies(store: Store, guild: int, n: int, start: int = 0, score: int =
             reply=f"run cargo build, then test {i}", request_message_id=5000 + i,
             reply_message_id=6000 + i)
         assert store.record_feedback(guild, 6000 + i, user, score)
+
+
+def padded_batch(vocab: int, rows: int, seed: int = 5) -> tuple[Any, Any, Any]:
+    """Ids, attention mask and labels of ``rows`` random sequences (5-40 tokens, the second half
+    labelled), right-padded the way the fit pads them: for comparing attention paths."""
+    import torch
+
+    from trainer.fit import IGNORE, PAD_MULTIPLE, Encoded, collate
+
+    r = random.Random(seed)
+    items = []
+    for _ in range(rows):
+        ids = [r.randrange(3, vocab) for _ in range(r.randint(5, 40))]
+        items.append(Encoded(ids, [IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:], 1.0))
+    ids, att, labels, _ = collate(items, 0, torch.device("cpu"), PAD_MULTIPLE)
+    return ids, att, labels
+
+
+def services_on(cfg: Config) -> Services:
+    """Services whose store is the config's database: the one a spawned training child opens."""
+    return Services(config=cfg, store=open_store(cfg.db_path), engine=FakeEngine(),
+                    watch_interval=0.05)

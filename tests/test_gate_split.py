@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from guildtune.config import parse_config
 from guildtune.models import TINY, load_model
 from storage import open_store
-from tests.fakes import TINY_TRAINER, import_style, liked_replies, make_config
+from tests.fakes import (
+    TINY_TRAINER,
+    import_style,
+    liked_replies,
+    make_config,
+    padded_batch,
+)
 from trainer import fit as fit_mod
 from trainer.data import (
     MIN_EXAMPLES,
@@ -263,11 +269,7 @@ def test_the_fits_attention_on_a_cpu_gives_the_models_own_numbers() -> None:
     """The training attention (softmax kept in bf16, eager matmuls) is the same function as the
     model's own attention: causal, padding-masked, at every labelled position."""
     lm = load_model(TINY, dtype="float32")
-    r = random.Random(5)
-    items = [fit_mod.Encoded(ids := [r.randrange(3, 500) for _ in range(r.randint(5, 40))],
-                             [fit_mod.IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:], 1.0)
-             for _ in range(6)]
-    ids, att, labels, _ = fit_mod.collate(items, 0, torch.device("cpu"), 32)
+    ids, att, labels = padded_batch(500, 6)
     with torch.no_grad():
         ref, _ = fit_mod.token_nll(lm.model, ids, att, labels)
         with fit_mod.training_attention(lm.model, torch.device("cpu")):

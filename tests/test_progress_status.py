@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from bot.core import Core
-from bot.services import Services
 from guildtune import cli_train
 from guildtune.config import Config
 from guildtune.progress import (
@@ -34,10 +33,10 @@ from storage import Store, open_store
 from tests.fakes import (
     TINY_TRAINER,
     FakeClock,
-    FakeEngine,
     import_pairs,
     liked_replies,
     make_config,
+    services_on,
 )
 from trainer.data import MIN_EXAMPLES
 from trainer.pipeline import NotEnoughData, TrainingError
@@ -51,12 +50,6 @@ STEP = {"step": 120, "total_steps": 400, "loss": 1.23456, "tokens": 52_000,
 GATE = {"n_train": 180, "n_heldout": 20, "base_loss": 1.5, "candidate_loss": 1.2,
         "active_loss": 1.3, "active_version": 2, "eval": "time split",
         "gate": "candidate beats the base and the active version"}
-
-
-def services_on(cfg: Config) -> Services:
-    """Services whose store is the config's database: the one a spawned training child opens."""
-    return Services(config=cfg, store=open_store(cfg.db_path), engine=FakeEngine(),
-                    watch_interval=0.05)
 
 
 def lines_of(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:

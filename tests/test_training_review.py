@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +13,13 @@ from bot.core import Core
 from guildtune.config import parse_config
 from guildtune.models import TINY, load_model, resolve_device
 from storage import open_store
-from tests.fakes import TINY_TRAINER, liked_replies, make_config
-from tests.test_progress_status import services_on
+from tests.fakes import (
+    TINY_TRAINER,
+    liked_replies,
+    make_config,
+    padded_batch,
+    services_on,
+)
 from trainer import fit as fit_mod
 from trainer.data import Example
 from trainer.pipeline import train_guild
@@ -41,11 +45,7 @@ def test_training_attention_keeps_gemma2_softcapping() -> None:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.5)
-    r = random.Random(5)
-    items = [fit_mod.Encoded(ids := [r.randrange(3, 300) for _ in range(r.randint(5, 40))],
-                             [fit_mod.IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:], 1.0)
-             for _ in range(4)]
-    ids, att, labels, _ = fit_mod.collate(items, 0, torch.device("cpu"), 32)
+    ids, att, labels = padded_batch(300, 4)
     with torch.no_grad():
         ref, _ = fit_mod.token_nll(model, ids, att, labels)
         with fit_mod.training_attention(model, torch.device("cpu")):
