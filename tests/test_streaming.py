@@ -68,11 +68,30 @@ async def _chat(core: Core, channel: Any, guild_id: int | None = G) -> ChatOutco
                            request_message_id=mid, turns=[turn])
 
 
-def _ticking(clock: FakeClock, step: float) -> Callable[[str], Any]:
-    """A pause that lets ``step`` simulated seconds pass per streamed word."""
-    async def pause(_: str) -> None:
+def _rig(tmp_path: Path, text: str) -> tuple[FakeClock, FakeEngine, Any, RecordingChannel]:
+    """A fake clock, an engine streaming ``text``, services on them and a recording channel."""
+    clock = FakeClock()
+    engine = FakeEngine(text)
+    return clock, engine, _services(tmp_path, engine, clock), RecordingChannel(clock)
+
+
+def _stream() -> tuple[FakeClock, RecordingChannel, ReplyStream]:
+    """A ReplyStream (1 s edit interval) on a recording channel and a fake clock, whose
+    call_later timers fire on ``advance``."""
+    clock = FakeClock()
+    ch = RecordingChannel(clock)
+    return clock, ch, ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+
+
+def _ticking(clock: FakeClock, step: float,
+             then: Callable[[str], None] | None = None) -> Callable[[str], Any]:
+    """A pause that lets ``step`` simulated seconds pass per streamed word, then calls
+    ``then(partial)`` (a test's move: refuse edits, delete a part, fail the engine)."""
+    async def pause(partial: str) -> None:
         clock.advance(step)
         await settle()
+        if then is not None:
+            then(partial)
     return pause
 
 
@@ -139,9 +158,7 @@ async def test_the_config_sets_the_interval_and_can_switch_streaming_off(
 
 
 async def test_one_edit_in_flight_and_only_the_latest_text_follows(tmp_path: Path) -> None:
-    clock = FakeClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     async with stream.typing():
         stream.update("one")
         await settle()
@@ -167,9 +184,7 @@ async def test_one_edit_in_flight_and_only_the_latest_text_follows(tmp_path: Pat
 
 
 async def test_pending_text_waits_for_the_interval(tmp_path: Path) -> None:
-    clock = FakeClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     stream.update("a")
     await settle()
     for word in ("a b", "a b c"):
@@ -326,11 +341,8 @@ async def test_engine_error_before_any_text_sends_nothing(tmp_path: Path) -> Non
 async def test_refused_edits_are_logged_and_the_final_edit_is_retried(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    clock = FakeClock()
     text = " ".join(f"w{i}" for i in range(12))
-    engine = FakeEngine(text)
-    s = _services(tmp_path, engine, clock)
-    ch = RecordingChannel(clock)
+    clock, engine, s, ch = _rig(tmp_path, text)
 
     async def pause(partial: str) -> None:
         clock.advance(1.0)
@@ -349,18 +361,13 @@ async def test_refused_edits_are_logged_and_the_final_edit_is_retried(
 
 
 async def test_a_final_edit_refused_twice_sends_the_reply_anew(tmp_path: Path) -> None:
-    clock = FakeClock()
     text = " ".join(f"w{i}" for i in range(1000))  # three parts
-    engine = FakeEngine(text)
-    s = _services(tmp_path, engine, clock)
-    ch = RecordingChannel(clock)
+    clock, engine, s, ch = _rig(tmp_path, text)
 
-    async def pause(partial: str) -> None:
-        clock.advance(1.0)
-        await settle()
+    def then(partial: str) -> None:
         if partial.endswith("w999"):
             ch.fail_edits = 10**6  # Discord refuses every edit from now on
-    engine.pause = pause
+    engine.pause = _ticking(clock, 1.0, then)
     out = await _chat(Core(s), ch)
     _assert_final(ch, out, text)  # nothing lost, in order, controls on the last part
     row = s.store.interaction_for_message(G, out.feedback_message_id)
@@ -523,14 +530,12 @@ async def test_discord_reply_survives_refused_edits(tmp_path: Path,
     s = _services(tmp_path, engine, clock)
     request, log = _fake_discord()
 
-    async def pause(partial: str) -> None:
-        clock.advance(1.0)
-        await settle()
+    def then(partial: str) -> None:
         if partial.endswith("w2"):
             request.channel.fail = 1  # a streamed edit refused: logged, streaming goes on
         if partial.endswith("w11"):
             request.channel.fail = 2  # the final edit and its retry refused
-    engine.pause = pause
+    engine.pause = _ticking(clock, 1.0, then)
     out = await _chat(Core(s), DiscordReply(request, "buttons"))
     ops = [op for op, *_ in log]
     assert ops.count("edit-failed") == 3
@@ -674,18 +679,13 @@ async def test_a_reply_deleted_by_a_moderator_mid_stream_is_not_posted_again(
 
 
 async def test_a_part_deleted_by_a_moderator_withdraws_the_whole_reply(tmp_path: Path) -> None:
-    clock = FakeClock()
     text = " ".join(f"w{i}" for i in range(1000))  # three parts
-    engine = FakeEngine(text)
-    s = _services(tmp_path, engine, clock)
-    ch = RecordingChannel(clock)
+    clock, engine, s, ch = _rig(tmp_path, text)
 
-    async def pause(partial: str) -> None:
-        clock.advance(1.0)
-        await settle()
+    def then(partial: str) -> None:
         if partial.endswith("w600") and not ch.gone:
             ch.moderate(list(ch.messages)[-1])  # the second part, streaming now
-    engine.pause = pause
+    engine.pause = _ticking(clock, 1.0, then)
     out = await _chat(Core(s), ch)
     ops = [c[0] for c in ch.calls]
     assert ops.count("send") == 2 and ops.count("edit-gone") == 1
@@ -696,18 +696,13 @@ async def test_a_part_deleted_by_a_moderator_withdraws_the_whole_reply(tmp_path:
 
 
 async def test_a_reply_deleted_before_its_final_edit_is_not_sent_anew(tmp_path: Path) -> None:
-    clock = FakeClock()
     text = " ".join(f"w{i}" for i in range(12))
-    engine = FakeEngine(text)
-    s = _services(tmp_path, engine, clock)
-    ch = RecordingChannel(clock)
+    clock, engine, s, ch = _rig(tmp_path, text)
 
-    async def pause(partial: str) -> None:
-        clock.advance(0.5)
-        await settle()
+    def then(partial: str) -> None:
         if partial == text:
             ch.moderate(next(iter(ch.messages)))
-    engine.pause = pause
+    engine.pause = _ticking(clock, 0.5, then)
     out = await _chat(Core(s), ch)
     ops = [c[0] for c in ch.calls]
     assert ops.count("send") == 1 and ops[-1] == "edit-gone"  # not retried, not re-sent
@@ -723,14 +718,12 @@ async def test_an_engine_error_after_a_moderator_deleted_the_reply_sends_no_noti
     engine = FakeEngine(" ".join(f"w{i}" for i in range(12)))
     ch = RecordingChannel(clock)
 
-    async def pause(partial: str) -> None:
-        clock.advance(1.0)
-        await settle()
+    def then(partial: str) -> None:
         if partial.endswith("w3"):
             ch.moderate(next(iter(ch.messages)))
         if partial.endswith("w6"):
             raise EngineError("CUDA out of memory")
-    engine.pause = pause
+    engine.pause = _ticking(clock, 1.0, then)
     s = _services(tmp_path, engine, clock)
     with pytest.raises(EngineError):
         await _chat(Core(s), ch)
@@ -759,9 +752,7 @@ async def test_a_leftover_part_deleted_already_is_no_failure(
     """``finish`` deletes a streamed part the final reply no longer has: gone already is fine
     (no warning), and the reply is not withdrawn over it."""
     caplog.set_level(logging.DEBUG, logger="bot.replies")
-    clock = FakeClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     stream.update(" ".join(f"w{i}" for i in range(600)))  # two parts
     await settle()
     assert len(ch.parts) == 2
@@ -851,9 +842,7 @@ async def test_a_cancelled_chat_does_not_wait_on_a_hung_discord(
 
 
 async def test_interrupt_waits_for_the_round_in_flight_then_shows_the_notice() -> None:
-    clock = FakeClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     stream.update("one")
     await settle()
     clock.advance(1.0)
@@ -878,9 +867,7 @@ TimerClock = FakeClock  # (its call_later timers fire on advance)
 async def test_a_pending_text_is_shown_when_updates_stop() -> None:
     """An engine row finished but its batch goes on: no more ``update``; the text held back
     by the throttle is shown once the interval is up, not at ``finish``."""
-    clock = TimerClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     stream.update("Hello")
     await settle()
     clock.advance(0.5)
@@ -899,9 +886,7 @@ async def test_a_pending_text_is_shown_when_updates_stop() -> None:
 
 
 async def test_a_text_arriving_during_a_round_is_flushed_after_it() -> None:
-    clock = TimerClock()
-    ch = RecordingChannel(clock)
-    stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+    clock, ch, stream = _stream()
     stream.update("a")
     await settle()
     clock.advance(1.0)
@@ -922,9 +907,7 @@ async def test_a_text_arriving_during_a_round_is_flushed_after_it() -> None:
 
 async def test_the_flush_is_cancelled_by_finish_abort_and_interrupt() -> None:
     for end in ("finish", "abort", "interrupt", "cancel"):
-        clock = TimerClock()
-        ch = RecordingChannel(clock)
-        stream = ReplyStream(ch, clock=clock, edit_interval_s=1.0)
+        clock, ch, stream = _stream()
         stream.update("a")
         await settle()
         clock.advance(0.5)
