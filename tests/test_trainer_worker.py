@@ -175,3 +175,24 @@ def test_retention_runs_from_the_scheduler(tmp_path: Path) -> None:
     assert job_off.func(*job_off.args, **job_off.kwargs) == {}
     assert [r["reply"] for r in store.rated_interactions(1)] == ["new"]
     store.close()
+
+
+def test_the_last_progress_is_stored_though_the_throttle_held_it_back(tmp_path: Path) -> None:
+    """The heartbeat writes progress at most once a second; a run's last phase arrives right
+    before it ends. Stopping the heartbeat writes what it held back."""
+    from trainer.worker import Heartbeat
+
+    store = open_store(tmp_path / "hb.db")
+    store.enqueue_run(G, "manual")
+    run = store.claim_run("w-hb", 60, guild_id=G)
+    beat = Heartbeat(store, run.id, "w-hb", 60)
+    beat.start()
+    beat.update({"phase": "training", "step": 1})
+    deadline = time.monotonic() + 60
+    while (store.get_run(run.id).progress or {}).get("step") != 1:  # the first write landed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    beat.update({"phase": "evaluating", "step": 3})  # within the second: held back
+    beat.stop()
+    assert store.get_run(run.id).progress == {"phase": "evaluating", "step": 3}
+    store.close()

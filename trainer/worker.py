@@ -149,10 +149,26 @@ class Heartbeat(threading.Thread):
         self._halt = threading.Event()
         self._progress: dict[str, Any] | None = None
         self._dirty = threading.Event()
+        self._updates = 0  # progress dicts received
+        self._stored = 0  # of them, how many were in the store when last written
 
     def update(self, progress: dict[str, Any]) -> None:
         self._progress = dict(progress)
+        self._updates += 1
         self._dirty.set()
+
+    def _write(self) -> bool:
+        """Renew the lease and store the latest progress; False when the lease is lost."""
+        seen = self._updates
+        try:
+            ok = self.store.heartbeat(self.run_id, self.worker, self.lease,
+                                      progress=self._progress)
+        except Exception:  # a busy db must not kill the heartbeat; the lease has slack
+            log.exception("heartbeat for run %s failed", self.run_id)
+            return True
+        if ok:
+            self._stored = seen
+        return ok
 
     def run(self) -> None:
         interval = max(1.0, self.lease / 4)
@@ -166,12 +182,7 @@ class Heartbeat(threading.Thread):
                 self._halt.wait(1.0 - (now - last))  # throttle progress writes to 1/s
                 continue
             self._dirty.clear()
-            try:
-                ok = self.store.heartbeat(self.run_id, self.worker, self.lease,
-                                          progress=self._progress)
-            except Exception:  # a busy db must not kill the heartbeat; the lease has slack
-                log.exception("heartbeat for run %s failed", self.run_id)
-                ok = True
+            ok = self._write()
             last = time.monotonic()
             if not ok:
                 log.warning("run %s: lease lost; stopping", self.run_id)
@@ -179,9 +190,12 @@ class Heartbeat(threading.Thread):
                 return
 
     def stop(self) -> None:
+        """Stop beating; progress the throttle held back (the run's last phase) is written."""
         self._halt.set()
         self._dirty.set()
         self.join(timeout=5)
+        if not self.is_alive() and not self.lost.is_set() and self._stored != self._updates:
+            self._write()
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
