@@ -188,6 +188,7 @@ class TrainingConfig:
     schedule: str = "0 4 * * *"
     min_new_examples: int = 20
     epochs: float = 1.0
+    min_steps: int = 40
     max_steps: int = 0
     learning_rate: float = 6e-4
     batch_size: int = 8
@@ -231,6 +232,7 @@ class TrainingConfig:
             ) from None
         _positive("training.min_new_examples", self.min_new_examples)
         _positive("training.epochs", self.epochs)
+        _non_negative("training.min_steps", self.min_steps)
         _non_negative("training.max_steps", self.max_steps)
         _check(0 < self.learning_rate < 1, "training.learning_rate", self.learning_rate,
                "must be in (0, 1)")

@@ -46,14 +46,16 @@ TINY: Sections = {"model": {"name": "tiny"}}
 TINY_TRAINER: Sections = {
     "model": {"name": "tiny"},
     "lora": {"rank": 4, "alpha": 8},
-    "training": {"enabled": True, "epochs": 1.0, "batch_size": 16, "max_seq_len": 64,
+    "training": {"enabled": True, "epochs": 1.0, "min_steps": 0, "batch_size": 16,
+                 "max_seq_len": 64,
                  "learning_rate": 3e-3, "lease_seconds": 10, "poll_seconds": 0.2},
 }
 # Long enough for the tiny model to pick up a community's style (the end-to-end tests).
 STYLE_TRAINER: Sections = {
     "model": {"name": "tiny"},
     "lora": {"rank": 8, "alpha": 16},
-    "training": {"enabled": True, "epochs": 3.0, "batch_size": 16, "max_seq_len": 96,
+    "training": {"enabled": True, "epochs": 3.0, "min_steps": 0, "batch_size": 16,
+                 "max_seq_len": 96,
                  "learning_rate": 3e-3, "eval_margin": 0.01, "heldout_fraction": 0.2,
                  "lease_seconds": 30},
 }

@@ -531,8 +531,10 @@ def lr_at(step: int, total: int, peak: float) -> float:
 
 
 def plan_steps(n_batches: int, cfg: Config) -> int:
+    """``epochs`` passes over the data, at least ``min_steps`` (a small dataset is passed over
+    several times: bench/data_curve.py), at most ``max_steps`` when that is set."""
     t = cfg.training
-    steps = max(1, math.ceil(t.epochs * n_batches / t.grad_accum))
+    steps = max(1, t.min_steps, math.ceil(t.epochs * n_batches / t.grad_accum))
     return min(steps, t.max_steps) if t.max_steps > 0 else steps
 
 

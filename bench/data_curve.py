@@ -1,0 +1,143 @@
+"""How much data pays: held-out loss on a community's future against the number of training
+examples it had, for the step policy a fit runs with.
+
+For each community and size k: fit an adapter on the newest k reply pairs before the community's
+newest 48 (``bench/communities.py``), score it and the base model on those 48. Two step
+policies: ``epochs`` (one pass, ``training.epochs = 1``: what the trainer did before issue 14)
+and ``min-steps`` (at least ``training.min_steps`` steps, the default since). A sweep of
+learning rate, rank and epochs at one size shows what the rest of the defaults rest on.
+
+    .venv/bin/python bench/data_curve.py [--communities linux,rust,ubuntu]
+        [--sizes 25,50,100,200,400,800,all] [--sweep rust:200]
+
+Not in CI (about an hour on a 2-core CPU). Resumes: each point is written to
+bench/results/data_curve.json as it is measured; --fresh starts over. Writes data_curve.md and
+data_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/ (bench/trainer.py)
+
+from bench.communities import (RESULTS, TEST_PAIRS, Results, bench_config,  # noqa: E402
+                               fit_adapter, load_split, loss, machine)
+
+POLICIES = {"epochs": {"epochs": 1.0, "min_steps": 0}, "min-steps": {}}
+SWEEP = [("lr 3e-4", {"learning_rate": 3e-4}, {}), ("lr 1.2e-3", {"learning_rate": 1.2e-3}, {}),
+         ("rank 8", {}, {"rank": 8, "alpha": 16}), ("rank 32", {}, {"rank": 32, "alpha": 64}),
+         ("2 epochs", {"epochs": 2.0}, {})]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--communities", default="linux,rust,ubuntu")
+    ap.add_argument("--sizes", default="25,50,100,200,400,800,all")
+    ap.add_argument("--max-size", type=int, default=1300,
+                    help="'all' stops here (ubuntu has 4,000 pairs)")
+    ap.add_argument("--sweep", default="rust:200", help="community:size for the sweep, or ''")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+
+    path = RESULTS / "data_curve.json"
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    res = Results(path, {"machine": machine(), "model": args.model, "test_pairs": TEST_PAIRS})
+    from trainer.pipeline import load_base
+
+    cfg0 = bench_config(args.model)
+    lm = load_base(cfg0)
+    base = lm.model
+    for name in args.communities.split(","):
+        split = load_split(name, cfg0)
+        key = f"{name}/base"
+        if not res.has(key):
+            res.put(key, {"loss": loss(base, lm, split.test, cfg0), "pool": len(split.pool)})
+        print(f"{name}: {len(split.pool)} training pairs, base {res.get(key)['loss']:.3f}",
+              flush=True)
+        sizes = sorted({min(len(split.pool), args.max_size) if s == "all" else int(s)
+                        for s in args.sizes.split(",")})
+        runs = [(p, k, POLICIES[p], {}) for k in sizes if k <= len(split.pool)
+                for p in POLICIES]
+        if args.sweep and args.sweep.split(":")[0] == name:
+            k = int(args.sweep.split(":")[1])
+            runs += [(label, k, t, lo) for label, t, lo in SWEEP]
+        for policy, k, training, lora in runs:
+            key = f"{name}/{policy}/{k}"
+            if res.has(key):
+                continue
+            cfg = cfg0.replace(training=training, lora=lora) if (training or lora) else cfg0
+            peft_model, stats = fit_adapter(base, lm, split.train(k), cfg)
+            stats["loss"] = loss(peft_model, lm, split.test, cfg)
+            base = peft_model.unload()
+            res.put(key, stats)
+            print(f"  {key}: {stats['loss']:.3f} ({stats['steps']} steps, "
+                  f"{stats['seconds']:.0f} s)", flush=True)
+    report(res.data)
+
+
+def report(data: dict) -> None:
+    pts = data["points"]
+    names = sorted({k.split("/")[0] for k in pts})
+    lines = [f"Model `{data['model']}`; each community scored on its newest {data['test_pairs']} "
+             f"reply pairs; per-token loss (lower is better), and in brackets the change "
+             f"against the base model. Machine: {data['machine']}.", ""]
+    chart = {}
+    for name in names:
+        base = pts[f"{name}/base"]["loss"]
+        lines += [f"**{name}** (base {base:.3f}, {pts[f'{name}/base']['pool']} pairs before the "
+                  "test slice)", "", "| examples | " + " | ".join(POLICIES) + " |",
+                  "|---|" + "---|" * len(POLICIES)]
+        sizes = sorted({int(k.split("/")[2]) for k in pts
+                        if k.startswith(name + "/") and k.split("/")[1] in POLICIES})
+        for k in sizes:
+            cells = []
+            for p in POLICIES:
+                v = pts.get(f"{name}/{p}/{k}")
+                cells.append(f"{v['loss']:.3f} ({v['loss'] / base - 1:+.1%}, {v['steps']} steps)"
+                             if v else "–")
+                if v:
+                    chart.setdefault(f"{name} ({p})", []).append((k, v["loss"] / base - 1))
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        sweep = {k.split("/")[1]: v for k, v in pts.items()
+                 if k.startswith(name + "/") and k.split("/")[1] not in POLICIES
+                 and k.split("/")[1] != "base"}
+        if sweep:
+            k0 = next(iter(pts[k] for k in pts if k.startswith(name + "/") and
+                           k.split("/")[1] not in POLICIES and k.split("/")[1] != "base"))
+            lines += ["", f"Sweep at {k0['n_train']} examples (default: min-steps row):", "",
+                      "| variant | loss | vs base | steps |", "|---|---|---|---|"]
+            for label, v in sweep.items():
+                lines.append(f"| {label} | {v['loss']:.3f} | {v['loss'] / base - 1:+.1%} | "
+                             f"{v['steps']} |")
+        lines.append("")
+    (RESULTS / "data_curve.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, xs in chart.items():
+            ax.plot([x for x, _ in xs], [100 * y for _, y in xs], marker="o", label=label,
+                    linestyle="--" if "epochs" in label else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("training examples (reply pairs)")
+        ax.set_ylabel("held-out loss vs base model (%)")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.legend(fontsize=7)
+        ax.set_title("How much data pays (newest 48 pairs of each community)")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "data_curve.png", dpi=110)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
