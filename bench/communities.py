@@ -40,13 +40,14 @@ class Split:
         return self.pool if k is None or k >= len(self.pool) else self.pool[-k:]
 
 
-def bench_config(model: str = "smollm2-135m", **training: Any) -> Any:
+def bench_config(model: str = "smollm2-135m", threads: int = 0, **training: Any) -> Any:
     """The shipped defaults (``load_config`` of no file) with training on and ``training``
     overrides; data in a throwaway directory (the model cache is the machine's)."""
     from guildtune.config import load_config
 
     cfg = load_config(None)
-    return cfg.replace(storage={"data_dir": str(WORK / "data")}, model={"name": model},
+    return cfg.replace(storage={"data_dir": str(WORK / "data")},
+                       model={"name": model, "threads": threads},
                        training={"enabled": True, **training})
 
 

@@ -113,7 +113,7 @@ def community_adapters(lm_cfg: Any, splits: dict[str, Any], k: int) -> dict[str,
     lm = base = None
     for name, s in splits.items():
         train = s.train(k)
-        d = WORK / "adapters" / f"{name}-{k}-{key_of(cfg.training, cfg.lora, [e.key for e in train])}"
+        d = WORK / "adapters" / f"{name}-{k}-{key_of(cfg.model.name, cfg.training, cfg.lora, [e.key for e in train])}"
         if not (d / "guildtune.json").exists():
             if lm is None:
                 lm = load_base(cfg)
@@ -174,10 +174,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--train-examples", type=int, default=200)
-    ap.add_argument("--decoding", default=",".join(DECODING))
+    ap.add_argument("--decoding", default="t0.7/p0.9+rep1.15,greedy,t0.7/p0.9,t0.7/p0.9+rep1.3",
+                    help="the first one is the main table (with another community's adapter)")
+    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
 
-    cfg = bench_config(args.model)
+    cfg = bench_config(args.model, threads=args.threads)
     splits = {n: load_split(n, cfg) for n in NAMES}
     stem = "style" if args.model == "smollm2-135m" else f"style-{args.model}"
     res = Results(RESULTS / f"{stem}.json", {"machine": machine(), "args": vars(args)})
@@ -199,15 +201,17 @@ def main() -> None:
         dec = DECODING[dec_name]
         if res.has(f"{NAMES[0]}/{dec_name}/own"):
             continue
-        jobs = []
-        for n in NAMES:
-            for p in prompts[n]:
-                jobs += [(f"{n}/base", None, p, dec), (f"{n}/own", GUILD[n], p, dec),
-                         (f"{n}/other", GUILD[other[n]], p, dec)]
+        # Another community's adapter only under the first decoding (the main table).
+        whos = ("base", "own", "other") if dec_name == args.decoding.split(",")[0] else \
+            ("base", "own")
+        guild_of = {"base": lambda n: None, "own": lambda n: GUILD[n],
+                    "other": lambda n: GUILD[other[n]]}
+        jobs = [(f"{n}/{who}", guild_of[who](n), p, dec) for n in NAMES for p in prompts[n]
+                for who in whos]
         print(f"decoding {dec_name}: {len(jobs)} replies", flush=True)
         texts = asyncio.run(generate(cfg, jobs, adapters))
         for n in NAMES:
-            for who in ("base", "own", "other"):
+            for who in whos:
                 got = [t for (k, *_), t in zip(jobs, texts) if k == f"{n}/{who}"]
                 s = summarize(judge, n, got)
                 s["samples"] = got[:3]
@@ -215,13 +219,13 @@ def main() -> None:
             print(f"  {n}: " + ", ".join(
                 f"{who} {res.get(f'{n}/{dec_name}/{who}')['attributed']:.0%} "
                 f"(degenerate {res.get(f'{n}/{dec_name}/{who}')['degenerate']:.0%})"
-                for who in ("base", "own", "other")), flush=True)
+                for who in whos), flush=True)
     report(res.data, other, stem)
 
 
 def report(data: dict[str, Any], other: dict[str, str], stem: str) -> None:
     pts = data["points"]
-    decs = [d for d in DECODING if f"{NAMES[0]}/{d}/own" in pts]
+    decs = [d for d in data["args"]["decoding"].split(",") if f"{NAMES[0]}/{d}/own" in pts]
     j = pts["judge"]
     lines = [f"Machine: {data['machine']}. Judge: {j['n_train']} member messages; accuracy on "
              f"{j['n_val']} unseen ones " + ", ".join(f"{n} {a:.0%}"
@@ -234,22 +238,22 @@ def report(data: dict[str, Any], other: dict[str, str], stem: str) -> None:
                   "|---|---|---|---|---|---|"]
         for n in NAMES:
             r, b, o, x = (pts[f"{n}/real"], pts[f"{n}/{d}/base"], pts[f"{n}/{d}/own"],
-                          pts[f"{n}/{d}/other"])
+                          pts.get(f"{n}/{d}/other"))
 
-            def cell(v: dict[str, Any]) -> str:
+            def cell(v: dict[str, Any] | None) -> str:
                 return (f"{v['attributed']:.0%}; {v['degenerate']:.0%}; "
-                        f"{v['median_words']:g} / {v['p90_words']:g}")
+                        f"{v['median_words']:g} / {v['p90_words']:g}") if v else "–"
             ratio = o["attributed"] / b["attributed"] if b["attributed"] else float("inf")
             lines.append(f"| {n} | {r['attributed']:.0%}; {r['median_words']:g} / "
                          f"{r['p90_words']:g} | {cell(b)} | {cell(o)} | {cell(x)} "
                          f"({other[n]}) | {ratio:.1f}x |")
+        whos = [w for w in ("base", "own", "other") if f"{NAMES[0]}/{d}/{w}" in pts]
         tot = {w: statistics.mean(pts[f'{n}/{d}/{w}']['attributed'] for n in NAMES)
-               for w in ("base", "own", "other")}
+               for w in whos}
         deg = {w: statistics.mean(pts[f'{n}/{d}/{w}']['degenerate'] for n in NAMES)
-               for w in ("base", "own", "other")}
-        lines += ["", f"Mean attributed: base {tot['base']:.0%}, own {tot['own']:.0%}, other "
-                  f"{tot['other']:.0%}; degenerate: base {deg['base']:.0%}, own "
-                  f"{deg['own']:.0%}, other {deg['other']:.0%}.", ""]
+               for w in whos}
+        lines += ["", "Mean attributed: " + ", ".join(f"{w} {tot[w]:.0%}" for w in whos)
+                  + "; degenerate: " + ", ".join(f"{w} {deg[w]:.0%}" for w in whos) + ".", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
