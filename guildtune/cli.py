@@ -1,5 +1,7 @@
 """The ``guildtune`` command. Config comes from ``--config FILE``, else $GUILDTUNE_CONFIG, else
-./config.toml, else built-in defaults. Errors are one line on stderr and a non-zero exit.
+./config.toml, else built-in defaults. An expected error is one line on stderr, ``guildtune:
+error: <message>``, and nothing else: exit 2 for a usage mistake, 1 for a failure (the rule and
+its one printer: ``guildtune.cli_types``; the messages: ``error_line``).
 
 Heavy imports (torch, transformers, peft, discord) happen inside the subcommands that need them,
 so ``guildtune --help`` and the storage commands start fast.
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_types import add_config_option, discord_id
+from .cli_types import (
+    FAILURE_EXIT,
+    CommandError,
+    Parser,
+    add_config_option,
+    discord_id,
+    print_error,
+)
 from .config import Config, ConfigError, load_config
 from .policy import operator_block
 
@@ -133,12 +142,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
-    """Everything stored of one member, as JSON."""
+    """Everything stored of one member, as JSON; an error when nothing is (so an id typed
+    wrong is not mistaken for a member with no data)."""
     store = _store(cfg)
     try:
         data = store.export_user(args.user, args.guild)
     finally:
         store.close()
+    if not any(v for v in data.values() if isinstance(v, list)):
+        raise CommandError(f"nothing is stored for member {args.user}{_in_guild(args.guild)}")
     if args.out:
         # A member's data: readable by the operator's account only, also when the file existed.
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -163,8 +175,13 @@ def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     parts = ", ".join(f"{k} {v}" for k, v in report.deleted.items() if v)
-    print(f"deleted {report.total_deleted} rows of user {args.user}"
-          + (f": {parts}" if parts else " (nothing of theirs was stored)"))
+    if parts:
+        print(f"deleted {report.total_deleted} rows of user {args.user}: {parts}")
+    else:
+        # Not an error: a forget is safe to repeat, and it still did its part: the member is
+        # recorded as withdrawn, so a later import leaves their messages out.
+        print(f"nothing stored for member {args.user}{_in_guild(args.guild)}: nothing deleted; "
+              "their withdrawal is recorded, so a later import leaves their messages out")
     for g, v in report.tainted:
         print(f"guild {g}: version {v} was trained on their data; it will not be used again")
     for g, run_id in report.retrain_runs.items():
@@ -224,10 +241,7 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
     note = src.dating_note()
     if note:
         print(f"note: {note}")
-    if not args.learn_from_humans and not learns:
-        print("note: this guild does not learn from members' replies to each other, so this "
-              "history is stored but not trained on; run the import again with "
-              "--learn-from-humans to turn that on (nothing is stored twice)")
+    print(f"note: {_history_use(args.guild, learns, pairs)}")
     days = cfg.privacy.retention_days
     if days > 0:
         cutoff = format_utc(datetime.now(UTC) - timedelta(days=days))
@@ -236,6 +250,52 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
             print(f"note: {old} of these messages are older than privacy.retention_days "
                   f"({days} days): the retention job deletes them within a minute of the next "
                   "bot or worker start (privacy.retention_days = 0 keeps everything)")
+    return 0
+
+
+def _in_guild(guild_id: int | None) -> str:
+    return "" if guild_id is None else f" in guild {guild_id}"
+
+
+def _history_use(guild_id: int, learns: bool, pairs: int) -> str:
+    """What a guild's imported history is used for, and the switch that changes it (one line).
+    Imported messages never reach the bot's prompts (those come from the live channel); only
+    the trainer reads them, as reply pairs, and only with learn_from_humans on."""
+    switch = f"`guildtune guild --guild {guild_id} --learn-from-humans"
+    if learns:
+        return (f"guild {guild_id} learns from members' replies to each other: its {pairs} "
+                "reply pairs are trained on from the next run on, within privacy.max_user_share "
+                f"({switch} off` stops that)")
+    return (f"guild {guild_id} does not learn from members' replies to each other, so this "
+            "history is stored (counted in status, in export and forget) but not trained on; "
+            f"{switch} on` turns that on (or import again with --learn-from-humans; nothing is "
+            "stored twice)")
+
+
+def cmd_guild(args: argparse.Namespace, cfg: Config) -> int:
+    """Show a guild's switches, or set them: ``--training`` is the guild's own training switch
+    (what an admin's ``/tune training`` sets; the operator's ``training.enabled`` still
+    applies), ``--learn-from-humans`` whether members' replies to each other are trained on.
+    A running worker follows a change within ``guildtune.schedule.SYNC_SECONDS``."""
+    changes = {key: value == "on" for key, value in (("training_enabled", args.training),
+                                                     ("learn_from_humans",
+                                                      args.learn_from_humans))
+               if value is not None}
+    if not changes and not cfg.db_path.exists():
+        raise CommandError(f"no database yet at {cfg.db_path} (`guildtune init` creates it)")
+    store = _store(cfg)
+    try:
+        gs = (store.update_guild_settings(args.guild, **changes) if changes
+              else store.guild_settings(args.guild))
+        pairs = len(store.reply_pairs(args.guild))
+    finally:
+        store.close()
+    off = operator_block(cfg)
+    print(f"guild {args.guild}: training {'on' if gs.training_enabled else 'off'}"
+          + (f" (but {off})" if gs.training_enabled and off else "")
+          + f"; schedule {gs.schedule or cfg.training.schedule} UTC"
+          + ("" if gs.schedule else " (the config's default)"))
+    print(_history_use(args.guild, gs.learn_from_humans, pairs))
     return 0
 
 
@@ -272,7 +332,7 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="guildtune",
         description="A Discord bot whose model becomes each community's own: per-guild LoRA "
                     "adapters trained from consented feedback and hot-swapped in.")
@@ -306,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also let the trainer learn from members' replies to each other")
     p.add_argument("file", metavar="FILE.jsonl")
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser("guild", help="show or set a guild's switches: training, "
+                                     "learning from members' replies")
+    p.add_argument("--guild", type=discord_id, required=True, help="guild id")
+    p.add_argument("--training", choices=("on", "off"),
+                   help="the guild's own training switch (as an admin's `/tune training`); "
+                        "the operator's training.enabled still applies")
+    p.add_argument("--learn-from-humans", choices=("on", "off"),
+                   help="train on members' replies to each other (imported history included)")
+    p.set_defaults(func=cmd_guild)
     p = sub.add_parser("schema", help="print the database schema as Markdown")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("backup", help="copy the live database to PATH (safe while it runs)")
@@ -329,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError]
+    errors: list[type[BaseException]] = [ConfigError, CommandError]
     for mod, names in (("storage", ("StoreError",)), ("guildtune.community",
                                                       ("CommunityFileError",)),
-                       ("guildtune.models", ("ModelError",))):
+                       ("guildtune.models", ("ModelError",)),
+                       ("guildtune.vllm_server", ("VllmSetupError",))):
         module = sys.modules.get(mod)
         if module is None:
             try:
@@ -383,7 +453,10 @@ def error_line(exc: BaseException, cfg: Config | None = None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Warnings and worse only, so an expected error is the one line on stderr; the services
+    # (run, worker) set log_level INFO, their log being what they show.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else
+                        getattr(args, "log_level", logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -399,8 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = error_line(exc, cfg)
         if line is None:
             raise
-        print(f"guildtune: error: {line}", file=sys.stderr)
-        return 1
+        print_error(line)
+        return FAILURE_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from guildtune.cli_types import discord_id
-from guildtune.config import Config, ConfigError
+from guildtune.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-worker", action="store_true",
                    help="do not start a training worker process (run `guildtune worker` "
                         "elsewhere, e.g. on a GPU host)")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, log_level=logging.INFO)  # a service: its log is its output
 
     p = sub.add_parser("console", help="chat in the terminal with the same handlers, no Discord")
     p.add_argument("--guild", required=True, metavar="NAME", help="local guild name")
@@ -54,11 +54,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     """guildtune run"""
     from bot.runner import serve
 
-    try:
+    try:  # a ConfigError (no token, ...) is the CLI's one error line
         asyncio.run(serve(cfg, worker=not args.no_worker))
-    except ConfigError as exc:
-        print(f"guildtune: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         pass
     return 0
@@ -85,11 +82,7 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
     """guildtune sync [--guild ID]"""
     from bot.runner import sync_commands
 
-    try:
-        names = asyncio.run(sync_commands(cfg, args.guild))
-    except ConfigError as exc:
-        print(f"guildtune: {exc}", file=sys.stderr)
-        return 2
+    names = asyncio.run(sync_commands(cfg, args.guild))
     where = f"guild {args.guild}" if args.guild else "globally (visible within an hour)"
     print(f"synced {len(names)} commands {where}: {', '.join(sorted(names))}")
     return 0
@@ -99,13 +92,9 @@ def cmd_vllm(args: argparse.Namespace, cfg: Config) -> int:
     """guildtune vllm [--python PATH] [--port N] [--print]"""
     import os
 
-    from guildtune.vllm_server import VllmSetupError, find_python, server_command
+    from guildtune.vllm_server import find_python, server_command
 
-    try:
-        cmd = server_command(cfg, python=find_python(args.python), port=args.port)
-    except VllmSetupError as exc:
-        print(f"guildtune: {exc}", file=sys.stderr)
-        return 2
+    cmd = server_command(cfg, python=find_python(args.python), port=args.port)
     if args.print_only:
         print(cmd.shell())
         return 0

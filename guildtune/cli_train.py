@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from guildtune.cli_types import discord_id
+from guildtune.cli_types import CommandError, discord_id
 from guildtune.config import Config
 from guildtune.policy import GUILD_OFF, operator_block
 
@@ -27,18 +27,24 @@ PARENT_PID_ENV = "GUILDTUNE_WORKER_PARENT_PID"
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register train, worker, eval and rollback on the CLI's subparsers."""
-    p = sub.add_parser("train", help="train a guild's adapter now, in the foreground")
+    p = sub.add_parser("train", help="train a guild's adapter now, whatever its schedule, in "
+                                     "the foreground (the guild's training switch must be on: "
+                                     "`guildtune guild --training on`)")
     p.add_argument("--guild", type=discord_id, required=True, help="guild id")
+    p.add_argument("--skip-gate", action="store_true",
+                   help="make the new version active even if it does not beat the base model "
+                        "and the active version on held-out data (and train with too few "
+                        "examples to judge)")
     p.add_argument("--force", action="store_true",
-                   help="train even if the guild has training off, and promote even if the "
-                        "evaluation gate would reject")
+                   help="--skip-gate, and train even if the guild's own training switch is off "
+                        "(the operator's training.enabled still applies)")
     p.add_argument("--model", help="override model.name (e.g. tiny for a smoke run)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("worker", help="claim and train queued runs (and run the schedule)")
     p.add_argument("--once", action="store_true",
                    help="train what is queued now, then exit (no schedule)")
-    p.set_defaults(func=cmd_worker)
+    p.set_defaults(func=cmd_worker, log_level=logging.INFO)  # a service: its log is its output
 
     p = sub.add_parser("eval", help="held-out loss of the base model and the guild's active "
                                     "adapter on a community file (one JSON object)")
@@ -68,26 +74,29 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     worker); prints the gate's numbers."""
     from rich.console import Console
 
+    from guildtune.models import check_model_name
     from trainer.pipeline import TrainingError
     from trainer.worker import train_foreground
 
     if args.model:
         cfg = cfg.replace(model={"name": args.model})
+    check_model_name(cfg.model.name)  # before a bar or a log line: the error is all there is
     console = Console(stderr=True)
     store = _store(cfg)
+    train = functools.partial(train_foreground, store, cfg, args.guild, force=args.force,
+                              skip_gate=args.skip_gate, model_name=args.model)
     try:
         try:
             if console.is_terminal:
                 with _progress_bar(console, args.guild) as progress:
-                    run_id, res = train_foreground(store, cfg, args.guild, force=args.force,
-                                                   model_name=args.model, progress=progress)
+                    run_id, res = train(progress=progress)
             else:  # a service, a pipe, CI: no bar to redraw, so log lines instead
-                run_id, res = train_foreground(store, cfg, args.guild, force=args.force,
-                                               model_name=args.model)
+                log_progress = logging.getLogger("trainer.worker")
+                if not log_progress.isEnabledFor(logging.INFO):
+                    log_progress.setLevel(logging.INFO)
+                run_id, res = train()
         except TrainingError as exc:
-            hint = ("" if args.force or GUILD_OFF.split("{")[0] not in str(exc) else
-                    " (or train it now anyway with --force)")
-            raise SystemExit(f"error: {exc}{hint}") from None
+            raise CommandError(f"{exc}{_train_hint(store, args, exc)}") from None
     finally:
         store.close()
     m = res.metrics
@@ -103,12 +112,35 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     print(f"gate: {m.get('gate')}")
     print(f"{m['steps']} steps, {m['tokens']} tokens, {m['tokens_per_s']} tok/s, "
           f"{m['train_seconds']} s training")
-    return 0 if res.status == "succeeded" else 2
+    if res.status != "succeeded":
+        raise CommandError(f"run {run_id}: the new version was not kept: {res.reason}; guild "
+                           f"{args.guild} keeps the version it had")
+    return 0
+
+
+def _train_hint(store: Any, args: argparse.Namespace, exc: Exception) -> str:
+    """What the operator can do about a run that could not train, for the CLI's error line:
+    the guild's switch, or the imported history it does not learn from."""
+    from trainer.pipeline import NotEnoughData
+
+    if not args.force and GUILD_OFF.split("{")[0] in str(exc):
+        return (f", or from this shell with `guildtune guild --guild {args.guild} --training on` "
+                "(--force trains once anyway, and also skips the evaluation gate)")
+    gs = store.guild_settings(args.guild)
+    if isinstance(exc, NotEnoughData) and not gs.learn_from_humans:
+        pairs = len(store.reply_pairs(args.guild))
+        if pairs:
+            return (f"; its {pairs} imported reply pairs are not trained on while "
+                    f"learn_from_humans is off (`guildtune guild --guild {args.guild} "
+                    "--learn-from-humans on`)")
+    return ""
 
 
 @contextmanager
 def _progress_bar(console: Any, guild_id: int) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A rich progress bar for a terminal; yields the callback that moves it."""
+    """A rich progress bar for a terminal; yields the callback that moves it. The bar is drawn
+    from the first progress report on (a run refused before it draws nothing) and erased when
+    the run ends in an error, so the CLI's error line is all that is left on stderr."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -117,20 +149,28 @@ def _progress_bar(console: Any, guild_id: int) -> Iterator[Callable[[dict[str, A
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                  TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(f"guild {guild_id}: preparing", total=None, loss="-", tps="-")
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                   TimeRemainingColumn(), console=console, transient=False)
+    task = bar.add_task(f"guild {guild_id}: preparing", total=None, loss="-", tps="-")
 
-        def progress(p: dict[str, Any]) -> None:
-            # ``p["phase"]`` is filled in by the worker (``guildtune.progress.phase_of``).
-            bar.update(task, description=f"guild {guild_id}: {p.get('phase', 'training')}")
-            if "total_steps" in p and "step" in p:
-                bar.update(task, total=p["total_steps"], completed=p["step"])
-            if "loss" in p:
-                bar.update(task, loss=p["loss"], tps=p.get("tokens_per_s", "-"))
+    def progress(p: dict[str, Any]) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        # ``p["phase"]`` is filled in by the worker (``guildtune.progress.phase_of``).
+        bar.update(task, description=f"guild {guild_id}: {p.get('phase', 'training')}")
+        if "total_steps" in p and "step" in p:
+            bar.update(task, total=p["total_steps"], completed=p["step"])
+        if "loss" in p:
+            bar.update(task, loss=p["loss"], tps=p.get("tokens_per_s", "-"))
 
+    try:
         yield progress
+    except BaseException:
+        bar.live.transient = True
+        raise
+    finally:
+        bar.stop()
 
 
 def _parent_pid() -> int | None:
@@ -163,12 +203,16 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
         store.close()
     if not args.once:
         return 0  # a long-running worker logged each failure as it happened
-    for r in report.failed:
-        print(f"run {r.run_id} (guild {r.guild_id}) {r.status}: {r.error or 'no error recorded'}",
-              file=sys.stderr)
+    failed = [f"run {r.run_id} (guild {r.guild_id}) {r.status}: "
+              f"{r.error or 'no error recorded'}" for r in report.failed]
+    if len(failed) > 1:  # the error is one line: the list goes with the report
+        print("\n".join(failed))
     print(f"handled {len(report.runs)} run(s)"
           + (f", {len(report.failed)} failed" if report.failed else ""))
-    return 1 if report.failed else 0
+    if failed:
+        raise CommandError(failed[0] if len(failed) == 1 else
+                           f"{len(failed)} of {len(report.runs)} runs failed (listed above)")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
@@ -187,8 +231,8 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     if args.max_pairs > 0:
         held = sorted(held, key=lambda e: stable_hash("eval", e.key))[:args.max_pairs]
     if not held:
-        raise SystemExit(f"error: {args.data} has no held-out reply pairs "
-                         f"({len(examples)} pairs in all)")
+        raise CommandError(f"{args.data} has no held-out reply pairs "
+                           f"({len(examples)} pairs in all)")
     model_name = cfg.model.name
     if active is not None:
         # Evaluate the adapter on the base it was trained on (named in its config snapshot).
@@ -229,8 +273,8 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     try:
         before = store.active_version(args.guild)
         if before is None:
-            raise SystemExit(f"error: guild {args.guild} is already on the base model; nothing "
-                             "to roll back")
+            raise CommandError(f"guild {args.guild} is already on the base model; nothing to "
+                               "roll back")
         after = store.rollback(args.guild)
     finally:
         store.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -382,7 +383,26 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path |
     local = Path(name).expanduser()
     if local.is_dir():
         return local, f"{local.name}@{_checkpoint_id(local)}"
+    check_model_name(name)
     return name, name
+
+
+# A Hugging Face hub id: "name" or "owner/name" (huggingface_hub's own rule, less the length).
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelError when ``name`` is meant as a local folder (it starts with ``/``, ``./``,
+    ``../`` or ``~``, or is no hub id) and there is none: transformers would call it a bad hub
+    id. Cheap (no import, no download): the CLI checks before it shows any progress."""
+    if name in (TINY, SMOLLM2):
+        return
+    local = Path(name).expanduser()
+    path_like = name.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(name)
+    if path_like and not local.is_dir():
+        shown = name if str(local.absolute()) == name else f"{name} ({local.absolute()})"
+        raise ModelError(f"model.name: {'not a folder' if local.exists() else 'no such folder'}"
+                         f": {shown}")
 
 
 def _models_dir(cache_dir: Path | None) -> Path:

@@ -38,8 +38,8 @@ def test_init_import_status_export_forget(cfg_file: Path, tmp_path: Path,
     assert len(exported["messages"]) == 3
     assert run_cli(cfg_file, "forget", "--user", "100") == 0
     assert "deleted 4 rows" in capsys.readouterr().out
-    assert run_cli(cfg_file, "export", "--user", "100") == 0
-    assert json.loads(capsys.readouterr().out)["messages"] == []
+    assert run_cli(cfg_file, "export", "--user", "100") == 1  # nothing of theirs is left
+    assert "nothing is stored for member 100" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_and_nonzero(cfg_file: Path, tmp_path: Path,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from guildtune.cli import main
-from tests.fakes import TINY, write_config
+from tests.fakes import TINY, TINY_TRAINER, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 7
@@ -35,9 +35,10 @@ def assert_one_line(rc: int, err: list[str], *needles: str) -> None:
         assert n in err[0], err[0]
 
 
-def community(tmp_path: Path, n: int = 4, name: str = "c.jsonl", **override: object) -> Path:
+def community(tmp_path: Path, n: int = 4, name: str = "c.jsonl", authors: int = 2,
+              **override: object) -> Path:
     rows = [{"community": "c", "part": 0, "seq": i, "time": "2026-01-01T10:00:00",
-             "author_id": 100 + i % 2, "text": f"line number {i} " + "words " * 20,
+             "author_id": 100 + i % authors, "text": f"line number {i} " + "words " * 20,
              "reply_to": [i - 1] if i else []} for i in range(n)]
     rows[-1].update(override)
     p = tmp_path / name
@@ -239,3 +240,187 @@ def test_export_out_writes_0600(tmp_path: Path, umask_022: None,
         assert main(["--config", str(cfg), "export", "--user", "100", "--out", str(f)]) == 0
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
         assert json.loads(f.read_text())["user_id"] == "100"
+
+
+# -- issue 15: one error form, one exit code per kind ------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ("export", "--user", "x"), ("init", "--bogus"), ("rollback",),
+    ("guild", "--guild", "7", "--training", "maybe"), ("nosuchcommand",),
+])
+def test_a_usage_mistake_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(write_config(tmp_path, TINY)), *args])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("guildtune: error: "), err  # no usage block
+    assert "--help`" in err[0]
+
+
+def test_a_config_error_of_a_discord_command_is_the_same_line_and_exit_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    rc, err = cli(capsys, write_config(tmp_path, TINY), "sync")
+    assert rc == 1
+    assert_one_line(rc, err, "DISCORD_TOKEN is not set")
+
+
+def test_rollback_with_nothing_to_roll_back(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path, TINY)
+    assert main(["--config", str(cfg), "init"]) == 0
+    capsys.readouterr()
+    rc, err = cli(capsys, cfg, "rollback", "--guild", str(G))
+    assert rc == 1
+    assert_one_line(rc, err, f"guild {G} is already on the base model; nothing to roll back")
+
+
+def test_export_of_a_member_the_store_does_not_know(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path, TINY)
+    assert main(["--config", str(cfg), "import", "--guild", str(G),
+                 str(community(tmp_path))]) == 0
+    capsys.readouterr()
+    out = tmp_path / "member.json"
+    assert main(["--config", str(cfg), "export", "--user", "999", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert_one_line(1, captured.err.strip().splitlines(), "nothing is stored for member 999")
+    assert captured.out == "" and not out.exists()
+
+
+def test_forget_of_a_member_the_store_does_not_know(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path, TINY)
+    assert main(["--config", str(cfg), "init"]) == 0
+    capsys.readouterr()
+    for _ in range(2):  # safe to repeat
+        assert main(["--config", str(cfg), "forget", "--user", "999"]) == 0
+        captured = capsys.readouterr()
+        lines = captured.out.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nothing stored for member 999")
+        assert captured.err == ""
+
+
+def test_a_model_folder_that_does_not_exist(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = cli(capsys, write_config(tmp_path, TINY), "train", "--guild", str(G), "--model",
+                  "./no/such/checkpoint")
+    assert_one_line(rc, err, "model.name: no such folder: ./no/such/checkpoint")
+    assert "Repo id" not in err[0]
+
+
+@pytest.mark.parametrize("name", ["/no/such/dir", "./nosuch", "~/no-such-model", "a/b/c"])
+def test_resolve_checkpoint_says_no_such_folder(tmp_path: Path, name: str) -> None:
+    from guildtune.models import ModelError, resolve_checkpoint
+
+    with pytest.raises(ModelError, match=f"model.name: no such folder: {name}"):
+        resolve_checkpoint(name, tmp_path)
+    assert resolve_checkpoint("someone/some-model", tmp_path) == ("someone/some-model",) * 2
+
+
+def test_the_error_for_a_guild_with_training_off_names_real_switches(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from bot.cog import GuildTuneCog
+
+    cfg = write_config(tmp_path, TINY, training={"enabled": True})
+    rc, err = cli(capsys, cfg, "train", "--guild", str(G))
+    assert_one_line(rc, err, f"`guildtune guild --guild {G} --training on`")
+    slash = re.findall(r"`/tune (\w+) on`", err[0])
+    assert slash and slash[0] in {c.name for c in GuildTuneCog.tune.commands}
+
+
+def test_the_guild_switch_from_the_cli(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from storage import open_store
+
+    cfg = write_config(tmp_path, TINY, training={"enabled": True})
+    assert main(["--config", str(cfg), "init"]) == 0
+    for state in ("on", "off"):
+        assert main(["--config", str(cfg), "guild", "--guild", str(G), "--training",
+                     state]) == 0
+        assert f"guild {G}: training {state}" in capsys.readouterr().out
+        with open_store(tmp_path / "data" / "guildtune.db") as store:
+            assert store.guild_settings(G).training_enabled is (state == "on")
+
+
+def test_the_guild_command_never_creates_the_database(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = cli(capsys, write_config(tmp_path, TINY), "guild", "--guild", str(G))
+    assert_one_line(rc, err, "no database yet")
+    assert not (tmp_path / "data" / "guildtune.db").exists()
+
+
+def test_import_says_what_the_history_is_used_for(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from storage import open_store
+
+    cfg = write_config(tmp_path, TINY)
+    assert main(["--config", str(cfg), "import", "--guild", str(G),
+                 str(community(tmp_path))]) == 0
+    note = [line for line in capsys.readouterr().out.splitlines() if "trained on" in line]
+    assert len(note) == 1 and "not trained on" in note[0]
+    assert f"`guildtune guild --guild {G} --learn-from-humans on`" in note[0]
+    assert main(["--config", str(cfg), "guild", "--guild", str(G), "--learn-from-humans",
+                 "on"]) == 0
+    assert "3 reply pairs are trained on" in capsys.readouterr().out
+    with open_store(tmp_path / "data" / "guildtune.db") as store:
+        assert store.guild_settings(G).learn_from_humans
+
+
+def test_a_refused_run_prints_nothing_before_its_error_line(tmp_path: Path) -> None:
+    # A subprocess: only there does the command's own logging reach stderr.
+    cfg = write_config(tmp_path, TINY, training={"enabled": True})
+    gt = [sys.executable, "-m", "guildtune", "--config", str(cfg)]
+    data = str(community(tmp_path, 6))
+    for args in (["import", "--guild", str(G), "--learn-from-humans", data],
+                 ["guild", "--guild", str(G), "--training", "on"]):
+        subprocess.run(gt + args, cwd=ROOT, timeout=120, check=True, capture_output=True)
+    proc = subprocess.run(gt + ["train", "--guild", str(G)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 1
+    assert_one_line(1, proc.stderr.strip().splitlines(), "a run needs at least 10")
+
+
+# -- train now, with or without the gate ---------------------------------------------------------
+
+@pytest.fixture
+def trainable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A guild with its switch on and 24 reply pairs of 8 members; a learning rate so small
+    that the candidate cannot beat the base model (the gate rejects it)."""
+    cfg = write_config(tmp_path, TINY_TRAINER, training={
+        **TINY_TRAINER["training"], "learning_rate": 1e-9, "max_steps": 2})
+    for args in (["import", "--guild", str(G), "--learn-from-humans",
+                  str(community(tmp_path, 25, authors=8))],
+                 ["guild", "--guild", str(G), "--training", "on"]):
+        assert main(["--config", str(cfg), *args]) == 0
+    capsys.readouterr()
+    return cfg
+
+
+def test_a_rejected_candidate_is_exit_1_with_one_line(trainable: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--config", str(trainable), "train", "--guild", str(G)])
+    captured = capsys.readouterr()
+    assert_one_line(rc, captured.err.strip().splitlines(), "the new version was not kept",
+                    "does not beat the base")
+    assert rc == 1 and "gate: candidate loss" in captured.out  # the numbers stay on stdout
+
+
+def test_skip_gate_promotes_a_rejected_candidate(trainable: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(trainable), "train", "--guild", str(G), "--skip-gate"]) == 0
+    out = capsys.readouterr().out
+    assert "version 1 active" in out and "gate: forced" in out
+
+
+def test_skip_gate_does_not_override_the_guild_switch(trainable: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(trainable), "guild", "--guild", str(G), "--training",
+                 "off"]) == 0
+    capsys.readouterr()
+    rc, err = cli(capsys, trainable, "train", "--guild", str(G), "--skip-gate")
+    assert_one_line(rc, err, "training is off for this server")

@@ -355,7 +355,8 @@ def test_base_model_that_fails_to_load_fails_the_run_and_the_next_one_runs(
     assert run_worker(broken, once=True, worker_id="w-broken") == 1
     run = store.get_run(run_id)
     assert run.status == "failed"
-    assert "cannot load model" in run.error and "no-such-model-dir" in run.error, run.error
+    assert "model.name: no such folder" in run.error and "no-such-model-dir" in run.error, \
+        run.error
     assert "\n" not in run.error
     _assert_v1_still_serves(cfg, store)
     _next_run_succeeds(cfg, store)

