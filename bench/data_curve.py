@@ -8,7 +8,7 @@ and ``min-steps`` (at least ``training.min_steps`` steps, the default since). A 
 learning rate, rank and epochs at one size shows what the rest of the defaults rest on.
 
     .venv/bin/python bench/data_curve.py [--communities linux,rust,ubuntu]
-        [--sizes 25,50,100,200,400,800,all] [--sweep rust:200]
+        [--sizes 25,50,100,200,400,all] [--max-size 400] [--sweep rust:200]
 
 Not in CI (about an hour on a 2-core CPU). Resumes: each point is written to
 bench/results/data_curve.json as it is measured; --fresh starts over. Writes data_curve.md and
@@ -36,11 +36,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--communities", default="rust,ubuntu,linux")
-    ap.add_argument("--sizes", default="25,50,100,200,400,800,all")
-    ap.add_argument("--max-size", type=int, default=800,
-                    help="'all' stops here (ubuntu has 4,000 pairs; a 2-core CPU fits 800 in ~10 min)")
+    ap.add_argument("--sizes", default="25,50,100,200,400,all")
+    ap.add_argument("--max-size", type=int, default=400,
+                    help="'all' stops here (ubuntu has 4,000 pairs)")
     ap.add_argument("--sweep", default="rust:200", help="community:size for the sweep, or ''")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
 
     path = RESULTS / "data_curve.json"
@@ -50,9 +51,10 @@ def main() -> None:
     from trainer.fit import plan_steps
     from trainer.pipeline import load_base
 
-    cfg0 = bench_config(args.model)
+    cfg0 = bench_config(args.model, threads=args.threads)
     lm = load_base(cfg0)
     base = lm.model
+    plan = []
     for name in args.communities.split(","):
         split = load_split(name, cfg0)
         key = f"{name}/base"
@@ -62,11 +64,13 @@ def main() -> None:
               flush=True)
         sizes = sorted({min(len(split.pool), args.max_size) if s == "all" else int(s)
                         for s in args.sizes.split(",")})
-        runs = [(p, k, POLICIES[p], {}) for k in sizes if k <= len(split.pool)
-                for p in POLICIES]
-        if args.sweep and args.sweep.split(":")[0] == name:
-            k = int(args.sweep.split(":")[1])
-            runs += [(label, k, t, lo) for label, t, lo in SWEEP]
+        plan.append((name, split, [(p, k, POLICIES[p], {}) for k in sizes
+                                    if k <= len(split.pool) for p in POLICIES]))
+    if args.sweep:  # after every curve: the curves matter more
+        name, k = args.sweep.split(":")
+        split = next(s for n, s, _ in plan if n == name)
+        plan.append((name, split, [(label, int(k), t, lo) for label, t, lo in SWEEP]))
+    for name, split, runs in plan:
         for policy, k, training, lora in runs:
             key = f"{name}/{policy}/{k}"
             if res.has(key):

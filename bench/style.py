@@ -36,9 +36,13 @@ from bench.communities import (NAMES, RESULTS, WORK, Results, bench_config,  # n
 
 GUILD = {name: i + 1 for i, name in enumerate(NAMES)}
 # (temperature, top_p, repetition_penalty); the bot's default is whatever config says.
-DECODING = {"greedy": (0.0, 1.0, 1.0), "greedy+rep1.15": (0.0, 1.0, 1.15),
-            "t0.7/p0.9": (0.7, 0.9, 1.0), "t0.7/p0.9+rep1.15": (0.7, 0.9, 1.15),
-            "t0.7/p0.9+rep1.3": (0.7, 0.9, 1.3)}
+# "eot penalized": HF's repetition penalty, which lowers the end-of-turn token too (the engine's
+# rule before issue 14, ``LocalEngine.spare_end_of_turn = False``); the others spare it.
+DECODING = {"greedy": (0.0, 1.0, 1.0), "t0.7/p0.9": (0.7, 0.9, 1.0),
+            "t0.7/p0.9+rep1.15 eot penalized": (0.7, 0.9, 1.15),
+            "t0.7/p0.9+rep1.3 eot penalized": (0.7, 0.9, 1.3),
+            "t0.7/p0.9+rep1.15": (0.7, 0.9, 1.15), "t0.7/p0.9+rep1.3": (0.7, 0.9, 1.3)}
+SHIPPED = "t0.7/p0.9+rep1.15"  # the config's defaults (model.temperature, top_p, ...)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -128,13 +132,14 @@ def community_adapters(lm_cfg: Any, splits: dict[str, Any], k: int) -> dict[str,
 
 
 async def generate(cfg: Any, jobs: list[tuple[str, int | None, str, tuple[float, float, float]]],
-                   adapters: dict[str, Path]) -> list[str]:
+                   adapters: dict[str, Path], spare_end_of_turn: bool = True) -> list[str]:
     """Replies to ``jobs`` (key, guild or None, prompt, decoding), all at once through one
     LocalEngine with every adapter resident; each request seeded by its prompt."""
     from bot.engine import GenerationRequest, create_engine
 
     engine = await asyncio.to_thread(create_engine, cfg.model, cfg.lora,
                                      cache_dir=cfg.model_cache)
+    engine.spare_end_of_turn = spare_end_of_turn
     await engine.start()
     try:
         for name, path in adapters.items():
@@ -174,7 +179,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--train-examples", type=int, default=200)
-    ap.add_argument("--decoding", default="t0.7/p0.9+rep1.15,greedy,t0.7/p0.9,t0.7/p0.9+rep1.3",
+    ap.add_argument("--decoding", default=",".join(DECODING),
                     help="the first one is the main table (with another community's adapter)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -202,14 +207,14 @@ def main() -> None:
         if res.has(f"{NAMES[0]}/{dec_name}/own"):
             continue
         # Another community's adapter only under the first decoding (the main table).
-        whos = ("base", "own", "other") if dec_name == args.decoding.split(",")[0] else \
-            ("base", "own")
+        whos = ("base", "own", "other") if dec_name in (args.decoding.split(",")[0],
+                                                       SHIPPED) else ("base", "own")
         guild_of = {"base": lambda n: None, "own": lambda n: GUILD[n],
                     "other": lambda n: GUILD[other[n]]}
         jobs = [(f"{n}/{who}", guild_of[who](n), p, dec) for n in NAMES for p in prompts[n]
                 for who in whos]
         print(f"decoding {dec_name}: {len(jobs)} replies", flush=True)
-        texts = asyncio.run(generate(cfg, jobs, adapters))
+        texts = asyncio.run(generate(cfg, jobs, adapters, "eot penalized" not in dec_name))
         for n in NAMES:
             for who in whos:
                 got = [t for (k, *_), t in zip(jobs, texts) if k == f"{n}/{who}"]

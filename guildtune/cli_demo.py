@@ -19,7 +19,10 @@ def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     console.print(f"[bold]guildtune demo[/bold]: model {dcfg.model.name}, data dir "
                   f"{dcfg.data_dir}, report in {out}")
     report = run_demo(dcfg, out, [Path(p) for p in args.data], args.rounds, console)
-    console.print(report.read_text(encoding="utf-8"))
+    # The Markdown as written: rich markup would eat "[like-rate]" of an image link, and
+    # wrapping at the terminal's width would break the tables' rows.
+    console.print(report.read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(f"[bold]report:[/bold] {report}")
     return 0
 

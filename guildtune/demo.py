@@ -186,7 +186,8 @@ class Demo:
     # -- stages ----------------------------------------------------------------------------------
 
     async def run(self) -> Path:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
 
         from bot.core import Core
         from bot.services import open_services
@@ -218,8 +219,9 @@ class Demo:
                                        f"{CONSENTING} of {len(g.members)} chatting members "
                                        "opted in")
             watcher.start()
-            cols = (TextColumn("{task.description}"), BarColumn(), TextColumn(
-                "{task.completed}/{task.total}"), TimeElapsedColumn())
+            # MofN shows "44/?" for the open-ended phase (chatting while training runs).
+            cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn())
             with Progress(*cols, console=self.console, transient=False) as progress:
                 with self.stage("replay before training (base model)"):
                     await self.replay(core, "before", self.rounds, progress)

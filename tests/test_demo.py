@@ -12,11 +12,17 @@ from guildtune.cli import main
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_with_the_tiny_model(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_with_the_tiny_model(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["--config", str(tmp_path / "none.toml"), "demo"]) == 1  # missing config file
+    capsys.readouterr()
     assert main(["demo", "--model", "tiny", "--rounds", "3", "--out", str(out)]) == 0
     report = (out / "report.md").read_text(encoding="utf-8")
+    printed = capsys.readouterr().out
+    # The report is printed as written: image links whole, table rows unbroken, no "/None".
+    assert "![like-rate](like_rate.png)" in printed and "/None" not in printed
+    assert all(line in printed.splitlines() for line in report.splitlines() if line.startswith("|"))
     assert "## Held-out loss matrix" in report and "| base |" in report
     assert (out / "loss_matrix.png").stat().st_size > 1000
     assert (out / "like_rate.png").stat().st_size > 1000
