@@ -33,7 +33,7 @@ from bot.replies import (
     split_reply,
 )
 from bot.services import Services
-from bot.status import StatusReport, like_rate_chart
+from bot.status import FINISHED, StatusReport, like_rate_chart
 from guildtune.policy import (
     OPERATOR_OFF,
     SYNC_JOB,
@@ -394,7 +394,7 @@ class Core:
         gs = await self._db(store.guild_settings, guild_id)
         active = await self._db(store.active_version, guild_id)
         runs = await self._db(store.runs, guild_id, 10)
-        last = next((r for r in runs if r.status in ("succeeded", "failed", "rejected")), None)
+        last = next((r for r in runs if r.status in FINISHED), None)
         if last is not None and (last.metrics or {}).get("needed") is not None:
             # What arrived since that run read its data counts toward what it said it needed.
             stats["examples_since_last_run"] = await self._db(

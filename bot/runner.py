@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -63,8 +64,11 @@ def require_token(cfg: Config) -> str:
     return cfg.discord.token
 
 
-def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
-    """Start the training worker in its own process (an OOM there never takes the bot down).
+def spawn_worker(cfg: Config, *, log_file: Path | None = None
+                 ) -> subprocess.Popen[bytes] | None:
+    """Start the training worker in its own process (an OOM there never takes the bot down);
+    None when the operator's ``training.enabled`` is off. Its output goes where this process's
+    goes, or is appended to ``log_file`` (the console: its terminal is the chat).
 
     The worker dies with this process, SIGKILL included: it is told this pid
     (``PARENT_PID_ENV``) and asks the kernel for SIGTERM when its parent goes (Linux), or
@@ -82,7 +86,11 @@ def spawn_worker(cfg: Config) -> subprocess.Popen[bytes] | None:
     # The worker never talks to Discord: it does not get the token.
     env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
     env[PARENT_PID_ENV] = str(os.getpid())
-    return subprocess.Popen(cmd, env=env)
+    if log_file is None:
+        return subprocess.Popen(cmd, env=env)
+    with open(log_file, "ab") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 async def stop_worker(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:

@@ -18,8 +18,10 @@ from guildtune.progress import gate_line, needed_line, progress_line
 
 log = logging.getLogger(__name__)
 
-ERROR_CHARS = 200  # of a failed run's error in "Last run"
+FINISHED = ("succeeded", "failed", "rejected")  # a run's statuses once it has ended
+ERROR_CHARS = 300  # of a failed run's error in "Last run" (the share cap's reason fits whole)
 FIELD_CHARS = 1024  # what a Discord embed field holds
+WORD_CHARS = 40  # a clip keeps whole words up to this long (a config key, a path)
 
 
 @dataclass
@@ -118,17 +120,9 @@ class StatusReport:
         """The report from what ``Core.status`` read: the guild's ``settings``, the store's
         ``stats``, its ``active`` version and newest ``runs``, the version the engine serves;
         ``next_run`` and ``tainted`` as worded by the caller (``StatusReport.taint``)."""
-        last = next((r for r in runs if r.status in ("succeeded", "failed", "rejected")), None)
-        if last is None:
-            last_text = "none yet"
-        else:
-            last_text = f"#{last.id} {last.status} ({last.trigger}"
-            last_text += f", {last.finished_utc[:16].replace('T', ' ')} UTC)" \
-                if last.finished_utc else ")"
-            if last.version is not None:
-                last_text += f" → v{last.version}"
-            last_text += _outcome(last.metrics, last.error,
-                                  int(stats.get("examples_since_last_run") or 0))
+        last = next((r for r in runs if r.status in FINISHED), None)
+        last_text = "none yet" if last is None else run_summary(
+            last, int(stats.get("examples_since_last_run") or 0))
         running = None
         open_run = stats.get("open_run")
         if open_run:
@@ -144,12 +138,33 @@ class StatusReport:
             examples_since=int(stats.get("examples_since_active") or 0),
             likes=int(stats.get("likes") or 0), dislikes=int(stats.get("dislikes") or 0),
             consented_users=int(stats.get("consented_users") or 0),
-            last_run=_clip(last_text), running=None if running is None else _clip(running),
+            last_run=clip(last_text), running=None if running is None else clip(running),
             next_run=next_run, schedule=schedule, chart_png=chart_png, tainted=tainted)
 
 
-def _clip(text: str, limit: int = FIELD_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+def run_summary(run: Any, arrived: int = 0) -> str:
+    """A finished run in one line, as "Last run" says it (and the console when one ends):
+    ``#3 rejected (manual, 2025-01-02 03:04 UTC) → v2: <the gate's numbers>; <error>``;
+    ``arrived``: examples stored since it read its data (``_outcome``)."""
+    text = f"#{run.id} {run.status} ({run.trigger}"
+    text += f", {run.finished_utc[:16].replace('T', ' ')} UTC)" if run.finished_utc else ")"
+    if run.version is not None:
+        text += f" → v{run.version}"
+    return text + _outcome(run.metrics, run.error, arrived)
+
+
+def clip(text: str, limit: int = FIELD_CHARS) -> str:
+    """``text`` in at most ``limit`` characters, ending in "…": cut at a word's end, never
+    inside a word (a config key cut in half, ``privacy.max_``, reads as another key), unless
+    the "word" is longer than ``WORD_CHARS`` (a blob)."""
+    if len(text) <= limit:
+        return text
+    kept = text[:limit - 1]
+    if not text[limit - 1].isspace():  # the cut falls inside a word: leave the word out
+        space = max(kept.rfind(" "), kept.rfind("\n"))
+        if space > 0 and len(kept) - space <= WORD_CHARS:  # longer: a blob, cut it anywhere
+            kept = kept[:space]
+    return kept.rstrip(" ,;:(\n") + "…"
 
 
 def _outcome(metrics: dict[str, Any] | None, error: str | None, arrived: int = 0) -> str:
@@ -167,7 +182,7 @@ def _outcome(metrics: dict[str, Any] | None, error: str | None, arrived: int = 0
     if gate:
         out += f"; {gate}"
     if error and error != metrics.get("gate"):
-        out += f"; {error[:ERROR_CHARS]}"
+        out += f"; {clip(error, ERROR_CHARS)}"
     return out
 
 

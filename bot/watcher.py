@@ -35,6 +35,7 @@ class AdapterWatcher:
         self._task: asyncio.Task[None] | None = None
         self._failed: dict[int, int] = {}  # guild -> version whose activation failed
         self._stuck: set[int] = set()  # guilds whose deactivation failed (retried every poll)
+        self._lock = asyncio.Lock()  # one poll at a time: a change is made and told once
 
     @property
     def running(self) -> bool:
@@ -74,7 +75,13 @@ class AdapterWatcher:
         return info is None or info.tainted_utc is not None
 
     async def sync_once(self) -> list[str]:
-        """One poll: bring the engine in line with storage. Returns what changed, as lines."""
+        """One poll: bring the engine in line with storage. Returns what changed, as lines.
+        A front end may call it besides the loop (a rollback, the console's /wait): polls
+        take turns."""
+        async with self._lock:
+            return await self._sync()
+
+    async def _sync(self) -> list[str]:
         wanted = await asyncio.to_thread(self.s.store.active_versions)
         serving = self.s.engine.active_versions()
         # Forget failures the store has moved on from: a version named again later is retried.

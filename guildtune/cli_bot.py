@@ -26,8 +26,11 @@ def add_commands(sub: Any) -> None:
                         "elsewhere, e.g. on a GPU host)")
     p.set_defaults(func=cmd_run, log_level=logging.INFO)  # a service: its log is its output
 
-    p = sub.add_parser("console", help="chat in the terminal with the same handlers, no Discord")
-    p.add_argument("--guild", required=True, metavar="NAME", help="local guild name")
+    p = sub.add_parser("console", help="chat in the terminal with the same handlers, no Discord "
+                                       "(and, with training on, its training worker)")
+    p.add_argument("--guild", required=True, type=console_guild, metavar="NAME|ID",
+                   help="a guild id (the guild `guildtune import --guild ID` wrote), or a name "
+                        "for a local guild (its id is printed at start)")
     p.add_argument("--user", default="you", metavar="NAME", help="local user name")
     p.add_argument("--engine", choices=("model", "echo"), default="model",
                    help="'echo' repeats messages (no model needed) to try the loop")
@@ -61,21 +64,44 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def console_guild(text: str) -> str | int:
+    """``--guild`` of the console: digits are a guild id (checked as ``discord_id``), anything
+    else a local guild's name."""
+    return discord_id(text) if text.isdigit() else text
+
+
 def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
-    """guildtune console --guild NAME"""
+    """guildtune console --guild NAME|ID: the chat on stdin/stdout; library output and the
+    training worker's log in <data_dir>/console.log; the worker (started as ``guildtune run``
+    starts it, when the operator's training is on) stops with the console. Ctrl-C ends it at
+    once."""
     from bot.console import EchoEngine, run_console
+    from bot.runner import spawn_worker, stop_worker
     from bot.services import open_services
+    from bot.terminal import library_output_to
+    from guildtune.cli import _data_dir
+
+    log_path = _data_dir(cfg) / "console.log"
 
     async def main() -> int:
         engine = EchoEngine() if args.engine == "echo" else None
         async with open_services(cfg, engine=engine) as services:
-            return await run_console(services, args.guild, user=args.user, stdin=sys.stdin,
-                                     out=sys.stdout)
+            # On the loop's thread, which lives as long as the console (spawn_worker's rule).
+            worker = spawn_worker(cfg, log_file=log_path)
+            try:
+                return await run_console(services, args.guild, user=args.user, stdin=sys.stdin,
+                                         out=sys.stdout, worker=worker, log_path=log_path)
+            finally:
+                await stop_worker(worker)
 
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return 0
+    if args.engine == "model":  # seconds (minutes when it is fetched), its output in the log
+        print(f"loading {cfg.model.name} …", flush=True)
+    with library_output_to(log_path):
+        try:
+            return asyncio.run(main())
+        except KeyboardInterrupt:  # Ctrl-C: the session ends, the prompt's line too
+            sys.stdout.write("\n")
+            return 0
 
 
 def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:

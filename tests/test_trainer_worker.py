@@ -7,10 +7,13 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import ClassVar
 
+import pytest
 
 from guildtune.config import Config
 from guildtune.policy import GUILD_OFF
@@ -196,3 +199,89 @@ def test_the_last_progress_is_stored_though_the_throttle_held_it_back(tmp_path: 
     beat.stop()
     assert store.get_run(run.id).progress == {"phase": "evaluating", "step": 3}
     store.close()
+
+
+class _OwnedLock:
+    """A lock that fails, rather than waits forever, when the thread holding it asks again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.owner == threading.get_ident():
+            if not blocking:
+                return False
+            raise AssertionError("a signal handler waited for a lock its own thread holds")
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self.owner = threading.get_ident()
+        return got
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def _is_owned(self) -> bool:  # what threading.Condition asks
+        return self.owner == threading.get_ident()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _SecondSignalInside(threading.Event):
+    """The worker's stop Event, with SIGTERM landing inside its ``set()`` while that holds
+    the Event's lock (as when Ctrl-C reaches the worker and its parent's SIGTERM follows)."""
+
+    made: ClassVar[list[_SecondSignalInside]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition(_OwnedLock())
+        self.nested = False
+        _SecondSignalInside.made.append(self)
+
+    def set(self) -> None:
+        with self._cond:
+            if not self.nested and threading.current_thread() is threading.main_thread():
+                self.nested = True
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+            self._flag = True
+            self._cond.notify_all()
+
+
+def test_a_second_signal_inside_the_first_handler_still_stops_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT, then SIGTERM while the first is being handled: the worker stops (before, the
+    second handler waited for the stop Event's lock that the first held: a hang until the
+    parent killed it)."""
+    import trainer.worker
+    from trainer.worker import run_worker_process
+
+    class Threading:  # trainer.worker's threading, with its stop Event replaced
+        Event = _SecondSignalInside
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(threading, name)
+
+    cfg = make_config(tmp_path, TINY_TRAINER)
+    store = open_store(cfg.db_path)
+    monkeypatch.setattr(trainer.worker, "threading", Threading())
+
+    def interrupt_when_running() -> None:
+        while not any(t.name == "guildtune-worker" for t in threading.enumerate()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt_when_running)
+    helper.start()
+    try:
+        assert run_worker_process(cfg, store=store) == 0  # no run was queued
+    finally:
+        helper.join()
+        for stop in _SecondSignalInside.made:  # a worker thread left running ends too
+            stop._flag = True
+        store.close()
+    assert any(e.nested for e in _SecondSignalInside.made)

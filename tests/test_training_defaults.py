@@ -57,3 +57,47 @@ def test_a_real_fit_of_a_small_guild_runs_the_minimum_steps(tmp_path: Path) -> N
         lm = load_model(TINY)
         result = fit(lm.model, lm.tokenizer, train, cfg)
         assert result.steps == steps and len(result.losses) == steps
+
+
+def test_the_repetition_penalty_spares_the_end_of_turn() -> None:
+    """A chat prompt holds an end-of-turn token per turn; HF's penalty lowers it and replies
+    run on (bench/style.py). Both local decoding paths penalize every seen token but those."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from bot.engine.base import penalized_tokens
+    from bot.engine.local import _sparing_penalty
+
+    assert penalized_tokens([5, 2, 7, 2, 9, 7], {2, 0}) == [5, 7, 9]
+    ids = torch.tensor([[0, 5, 2, 7], [9, 2, 2, 3]])
+    scores = torch.full((2, 12), 4.0)
+    scores[:, 8] = -4.0
+    ours = _sparing_penalty(2.0, {2, 0})(ids, scores.clone())
+    hf = RepetitionPenaltyLogitsProcessor(2.0)(ids, scores.clone())
+    assert hf[0, 2] == 2.0 and hf[1, 2] == 2.0  # HF lowers the end of turn
+    assert ours[0, 2] == 4.0 and ours[1, 2] == 4.0 and ours[0, 0] == 4.0  # ours spares it
+    assert ours[0, 5] == ours[0, 7] == ours[1, 9] == ours[1, 3] == 2.0  # and lowers the rest
+    assert ours[0, 9] == 4.0 and ours[0, 8] == -4.0  # unseen tokens are untouched
+
+
+def test_the_step_loop_ends_a_reply_its_model_wants_to_end() -> None:
+    """The end of turn is the top token by a little, and was in the prompt: HF's rule picks
+    another token (the reply runs on), the engine's picks the end of turn."""
+    import torch
+
+    from bot.engine.local import LocalEngine
+    from bot.engine.steploop import StepLoop, _Live
+    from guildtune.config import parse_config
+
+    cfg = parse_config({"model": {"name": "tiny"}}, env={})
+    eng = LocalEngine(load_model(TINY), cfg.model, cfg.lora)
+    eot = eng._eos[0]
+    picked = {}
+    for spare in (True, False):
+        eng.spare_end_of_turn = spare
+        loop = StepLoop(eng)
+        logits = torch.zeros(64)
+        logits[eot], logits[7] = 2.0, 1.9
+        row = _Live(None, [3, eot, 5, eot], "__base__", None, 8, 0.0, 1.0, 1.3)  # type: ignore
+        picked[spare] = loop._sample(row, logits)
+    assert picked == {True: eot, False: 7}

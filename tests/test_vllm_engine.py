@@ -375,6 +375,16 @@ async def test_a_lost_adapter_while_the_guild_moves_on(server: FakeVllm, tmp_pat
         await eng.close()
 
 
+async def test_a_reply_stopped_at_max_tokens_is_marked_cut(engine: VllmEngine,
+                                                           server: FakeVllm) -> None:
+    assert not (await engine.generate(req(None))).cut  # finish_reason "stop": it ended
+    server.stream_lines = [b'data: {"choices": [{"text": "Half a", "finish_reason": null}]}',
+                           b'data: {"choices": [{"text": " rep", "finish_reason": "length"}]}',
+                           b"data: [DONE]"]
+    res = await engine.generate(req(None), on_text=lambda _t: None)
+    assert res.text == "Half a rep" and res.cut
+
+
 async def test_stream_failures_are_errors_not_replies(server: FakeVllm, tmp_path: Path) -> None:
     eng = create_engine(model_cfg(server.url), TINY_LORA, cache_dir=tmp_path)
     await eng.start()

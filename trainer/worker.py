@@ -49,6 +49,7 @@ RECOVER_EVERY_S = 30.0
 STALE_TEMP_DIR_S = 600.0
 CHILD_TERM_GRACE_S = 10.0  # a training child asked to stop is killed after this
 STOP_GRACE_S = 60.0  # a worker asked to stop exits after this even if the run loop hangs
+SIGNAL_POLL_S = 0.2  # how soon a SIGTERM/SIGINT becomes the worker's stop
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -515,12 +516,14 @@ def run_worker_process(cfg: Config, *, once: bool = False, store: Store | None =
     ``execute_run``), and, with ``parent_pid``, a stop when that process dies (``watch_parent``).
     Call it from the main thread."""
     stop = threading.Event()
+    signalled: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
-        # Only sets an Event: the main thread below never holds its lock (it only joins).
-        log.warning("%s: stopping the worker (the run in progress is given back)",
-                    signal.Signals(signum).name)
-        stop.set()
+        # Records the signal, nothing more: no lock, no logging. A second signal can land
+        # inside this handler (Ctrl-C reaches the worker, and its parent's SIGTERM follows at
+        # once), and a handler that takes a lock (stop.set() takes the Event's) then waits for
+        # itself forever. The loop below turns the record into the stop.
+        signalled.append(signum)
 
     # Handlers can only be installed from the main thread (elsewhere: the caller's stop rules).
     main_thread = threading.current_thread() is threading.main_thread()
@@ -543,7 +546,11 @@ def run_worker_process(cfg: Config, *, once: bool = False, store: Store | None =
         thread.start()
         deadline: float | None = None
         while thread.is_alive():
-            thread.join(1.0)
+            thread.join(SIGNAL_POLL_S)
+            if signalled and not stop.is_set():
+                log.warning("%s: stopping the worker (the run in progress is given back)",
+                            signal.Signals(signalled[0]).name)
+                stop.set()
             if stop.is_set():
                 deadline = deadline or time.monotonic() + STOP_GRACE_S
                 if time.monotonic() > deadline:

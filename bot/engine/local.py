@@ -59,6 +59,7 @@ from bot.engine.base import (
     GenerationRequest,
     GenerationResult,
     OnText,
+    penalized_tokens,
 )
 from bot.engine.handoff import STOP, CtlItem, GenItem, call_on_text, resolve
 from bot.engine.peft_adapters import PeftAdapters, PreparedAdapter
@@ -154,6 +155,25 @@ class _RowStreamer:
         self._rows = []
 
 
+def _sparing_penalty(penalty: float, spare: set[int]) -> Any:
+    """HF's repetition penalty over ``penalized_tokens`` only: the step loop's rule, for the
+    micro-batch loop's ``generate``."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class SparingRepetitionPenalty(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for i, row in enumerate(input_ids.tolist()):
+                seen = torch.tensor(penalized_tokens(row, spare), dtype=torch.long,
+                                    device=scores.device)
+                sc = scores[i].gather(0, seen)
+                scores[i] = scores[i].scatter(0, seen, torch.where(sc < 0, sc * penalty,
+                                                                   sc / penalty))
+            return scores
+
+    return SparingRepetitionPenalty()
+
+
 class LocalEngine(Engine):
     """In-process engine: a model thread, micro-batching across guilds, resident adapters (LRU)."""
 
@@ -186,6 +206,9 @@ class LocalEngine(Engine):
         # Read and convert a new version's weights off the model thread (False: the model
         # thread runs peft's hotswap_adapter from the files, as before; for the bench).
         self.prepare_swaps = True
+        # The repetition penalty spares the end-of-turn tokens (penalized_tokens); False: HF's
+        # rule, which lowers them too (for the bench, bench/style.py).
+        self.spare_end_of_turn = True
         # Streaming: decode a streaming row's text at most this often.
         self.stream_interval_s = 0.1
         self._eos = self._eos_ids()
@@ -412,8 +435,12 @@ class LocalEngine(Engine):
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(dev), "attention_mask": mask.to(dev),
             "max_new_tokens": max(r.max_new for r in rows), "do_sample": do_sample,
-            "repetition_penalty": rep, "pad_token_id": self._pad, "eos_token_id": self._eos,
+            "pad_token_id": self._pad, "eos_token_id": self._eos,
         }
+        if rep != 1.0 and self.spare_end_of_turn:  # HF's lowers the end of turn too
+            kwargs["logits_processor"] = [_sparing_penalty(rep, {*self._eos, self._pad})]
+        elif rep != 1.0:
+            kwargs["repetition_penalty"] = rep
         if do_sample:
             kwargs.update(temperature=temp, top_p=top_p)
             if seed is not None:
@@ -443,8 +470,9 @@ class LocalEngine(Engine):
                     n = j + 1
                     break
             text = self._tok.decode(toks[:n], skip_special_tokens=True).strip() or FALLBACK_TEXT
+            cut = n >= r.max_new and toks[n - 1] not in self._eos
             done.append((r.item, GenerationResult(text, r.version, len(r.ids), n,
-                                                  (now - r.item.t0) * 1000)))
+                                                  (now - r.item.t0) * 1000, cut=cut)))
         return done
 
     def _eos_ids(self) -> list[int]:

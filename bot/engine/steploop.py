@@ -20,6 +20,7 @@ from bot.engine.base import (
     FALLBACK_TEXT,
     EngineError,
     GenerationResult,
+    penalized_tokens,
 )
 from bot.engine.handoff import STOP, CtlItem, GenItem, call_on_text, resolve
 
@@ -123,6 +124,8 @@ class StepLoop:
         self.stopping = False
         self._hooks: tuple[list[str], Any] | None = None  # (adapter names, peft hook context)
         self.eos = set(eng._eos)
+        # Never repetition-penalized (penalized_tokens); none with the bench's HF rule.
+        self.spare = self.eos | {eng._pad} if eng.spare_end_of_turn else set()
         top_k = getattr(eng._loaded.model.generation_config, "top_k", None)
         self.top_k = int(top_k) if top_k is not None else 50  # HF generate's default
 
@@ -445,7 +448,8 @@ class StepLoop:
         row draws among the survivors (same distribution, no 49k random numbers a row)."""
         torch = self.torch
         if r.rep != 1.0:  # as RepetitionPenaltyLogitsProcessor, over the row's own tokens
-            seen = torch.tensor(r.ids + r.out, dtype=torch.long, device=s.device)
+            seen = torch.tensor(penalized_tokens(r.ids + r.out, self.spare), dtype=torch.long,
+                                device=s.device)
             sc = s.gather(0, seen)
             s = s.scatter(0, seen, torch.where(sc < 0, sc * r.rep, sc / r.rep))
         if r.temp <= 0:
@@ -540,8 +544,10 @@ class StepLoop:
             log.exception("decoding a finished row failed")
             resolve(r.item.loop, r.item.fut, exc=_error(exc))
             return
+        cut = len(r.out) >= r.max_new and r.out[-1] not in self.eos
         resolve(r.item.loop, r.item.fut, GenerationResult(
-            text or FALLBACK_TEXT, r.version, len(r.ids), len(r.out), (now - r.item.t0) * 1000))
+            text or FALLBACK_TEXT, r.version, len(r.ids), len(r.out), (now - r.item.t0) * 1000,
+            cut=cut))
 
     def _fail(self, rows: list[_Live], exc: BaseException) -> None:
         err = _error(exc)

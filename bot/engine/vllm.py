@@ -195,8 +195,9 @@ class VllmEngine(Engine):
 
     async def _stream(self, payload: dict[str, Any], what: str, on_text: OnText
                       ) -> tuple[str, dict[str, Any]]:
-        """POST a streamed completion; returns (text, usage), calling ``on_text`` as it grows."""
-        text, usage, done = "", {}, False
+        """POST a streamed completion; returns (text, usage), calling ``on_text`` as it grows.
+        ``usage`` carries the choice's ``finish_reason`` too ("length": cut at max_tokens)."""
+        text, usage, done, finish = "", {}, False, None
         async with self._response("POST", "/v1/completions", payload, what) as resp:
             async for raw in resp.content:  # server-sent events, one "data: ..." per line
                 line = raw.decode("utf-8", "replace").strip()
@@ -218,7 +219,10 @@ class VllmEngine(Engine):
                                                   f"{_server_message(data)}"))
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
-                delta = "".join(str(c.get("text") or "") for c in chunk.get("choices") or [])
+                choices = chunk.get("choices") or []
+                finish = next((c["finish_reason"] for c in choices
+                               if c.get("finish_reason")), finish)
+                delta = "".join(str(c.get("text") or "") for c in choices)
                 if delta:
                     text += delta
                     try:
@@ -227,7 +231,7 @@ class VllmEngine(Engine):
                         log.exception("on_text callback failed")
         if not done:  # cut off: a partial reply must not pass for a whole one
             raise EngineError(self._where(f"{what}: the stream ended before [DONE]"))
-        return text, usage
+        return text, {**usage, "finish_reason": finish}
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -270,7 +274,8 @@ class VllmEngine(Engine):
         return GenerationResult(text.strip() or FALLBACK_TEXT, version,
                                 int(usage.get("prompt_tokens", len(ids))),
                                 int(usage.get("completion_tokens", 0)),
-                                (time.perf_counter() - t0) * 1000)
+                                (time.perf_counter() - t0) * 1000,
+                                cut=usage.get("finish_reason") == "length")
 
     async def _complete(self, payload: dict[str, Any], guild_id: int | None,
                         cur: tuple[int, str, Path] | None, on_text: OnText | None
@@ -325,7 +330,8 @@ class VllmEngine(Engine):
         try:
             data = json.loads(body)
             text = data["choices"][0].get("text") or ""
-            usage = data.get("usage") or {}
+            usage = {**(data.get("usage") or {}),
+                     "finish_reason": data["choices"][0].get("finish_reason")}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise EngineError(self._where(f"unexpected completion body {body[:120]!r}")) \
                 from None
