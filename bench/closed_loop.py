@@ -29,9 +29,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/ (bench/trainer.py)
 
-from bench.communities import (NAMES, RESULTS, WORK, Results, bench_config,  # noqa: E402
-                               fit_adapter, load_split, machine)
-from bench.style import degenerate, judge_data, train_judge  # noqa: E402
+from bench.communities import (
+    NAMES,
+    RESULTS,
+    WORK,
+    Results,
+    bench_config,
+    fit_adapter,
+    load_split,
+    machine,
+)
+from bench.style import degenerate, judge_data, train_judge
 
 VARIANTS = {"likes only": (False, False), "likes + preference": (False, True),
             "likes + corrections": (True, False), "likes + corrections + preference": (True, True)}
@@ -42,9 +50,9 @@ CORRECT_P = 0.5
 
 async def run_community(name: str, split: Any, judge: Any, cfg: Any, n: int,
                         res: Results) -> None:
+    from bot.context import Turn
     from bot.core import Core
     from bot.services import open_services
-    from bot.context import Turn
     from guildtune.adapter_dir import adapter_meta, write_meta
     from guildtune.demo import DemoChannel, _FastClock
     from storage.times import utc_now

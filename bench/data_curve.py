@@ -24,8 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/ (bench/trainer.py)
 
-from bench.communities import (RESULTS, TEST_PAIRS, Results, bench_config,  # noqa: E402
-                               fit_adapter, load_split, loss, machine)
+from bench.communities import (
+    RESULTS,
+    TEST_PAIRS,
+    Results,
+    bench_config,
+    fit_adapter,
+    load_split,
+    loss,
+    machine,
+)
 
 POLICIES = {"epochs": {"epochs": 1.0, "min_steps": 0}, "min-steps": {}}
 SWEEP = [("lr 3e-4", {"learning_rate": 3e-4}, {}), ("lr 1.2e-3", {"learning_rate": 1.2e-3}, {}),

@@ -31,8 +31,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/ (bench/trainer.py)
 
-from bench.communities import (NAMES, RESULTS, WORK, Results, bench_config,  # noqa: E402
-                               fit_adapter, key_of, load_split, machine)
+from bench.communities import (
+    NAMES,
+    RESULTS,
+    WORK,
+    Results,
+    bench_config,
+    fit_adapter,
+    key_of,
+    load_split,
+    machine,
+)
 
 GUILD = {name: i + 1 for i, name in enumerate(NAMES)}
 # (temperature, top_p, repetition_penalty); the bot's default is whatever config says.
@@ -123,7 +132,7 @@ def community_adapters(lm_cfg: Any, splits: dict[str, Any], k: int) -> dict[str,
                 lm = load_base(cfg)
                 base = lm.model
             print(f"  training {name} on {len(train)} pairs", flush=True)
-            peft_model, stats = fit_adapter(base, lm, train, cfg, d)
+            peft_model, _ = fit_adapter(base, lm, train, cfg, d)
             base = peft_model.unload()
             write_meta(d, adapter_meta(guild_id=GUILD[name], version=1, base_model=lm.base_id,
                                        lora=cfg.lora.shape()))

@@ -36,7 +36,7 @@ from bot.engine.base import OnText
 from bot.services import Services
 from bot.status import FINISHED, run_summary
 from bot.terminal import is_terminal, read_line, render_markdown
-from bot.watcher import AdapterWatcher
+from bot.watcher import AdapterWatcher, cancel_and_wait, poll_forever
 from guildtune.data_statement import consent_statement
 from guildtune.policy import explain, operator_block
 from guildtune.progress import LOG_EVERY_S, phase_of, progress_line
@@ -423,22 +423,12 @@ class Console:
 
     async def _stop_following(self) -> None:
         task, self._following = self._following, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _follow(self) -> None:
-        while True:
-            try:
-                await self.follow_training()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep following: one failed look must not end it
-                log.exception("following the guild's training failed")
-            await asyncio.sleep(self.s.watch_interval)
+        # Keep following: one failed look must not end it.
+        await poll_forever(self.follow_training, lambda: self.s.watch_interval,
+                           "following the guild's training")
 
     def _worker_down(self) -> str | None:
         """Why no worker will train a queued run, or None while one runs here."""

@@ -10,12 +10,37 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bot.engine import AdapterError
 from bot.services import Services
 
 log = logging.getLogger(__name__)
 
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a polling task and wait until it has ended (None: nothing to stop)."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+async def poll_forever(step: Callable[[], Awaitable[Any]], interval: Callable[[], float],
+                       what: str) -> None:
+    """Run ``step`` every ``interval()`` seconds until cancelled; a failed step is logged and
+    the polling goes on (the watcher's and the console's loops)."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", what)
+        await asyncio.sleep(interval())
 
 class AdapterWatcher:
     """Keeps the engine serving what storage says is active (new versions, rollbacks).
@@ -50,22 +75,11 @@ class AdapterWatcher:
     async def stop(self) -> None:
         """Stop polling and wait until the task has ended."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep watching: a bad poll must not end hot swapping
-                log.exception("adapter watcher poll failed")
-            await asyncio.sleep(self.interval)
+        # Keep watching: a bad poll must not end hot swapping.
+        await poll_forever(self.sync_once, lambda: self.interval, "adapter watcher poll")
 
     async def _withdrawn(self, guild_id: int, version: int | None) -> bool:
         """Whether a served version must not go on serving: tainted, or unknown to storage."""
