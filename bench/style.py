@@ -45,12 +45,16 @@ from bench.communities import (
 
 GUILD = {name: i + 1 for i, name in enumerate(NAMES)}
 # (temperature, top_p, repetition_penalty); the bot's default is whatever config says.
-# "eot penalized": HF's repetition penalty, which lowers the end-of-turn token too (the engine's
-# rule before issue 14, ``LocalEngine.spare_end_of_turn = False``); the others spare it.
+# What the repetition penalty lowers (``LocalEngine.penalty_scope``, bot.engine.base
+# .penalized_tokens): "eot penalized" = HF's rule, every token of prompt and reply (the engine's
+# before issue 14); "eot spared" = the same but the end-of-turn tokens; the others (the
+# default): the reply's own tokens only.
 DECODING = {"greedy": (0.0, 1.0, 1.0), "t0.7/p0.9": (0.7, 0.9, 1.0),
             "t0.7/p0.9+rep1.15 eot penalized": (0.7, 0.9, 1.15),
             "t0.7/p0.9+rep1.3 eot penalized": (0.7, 0.9, 1.3),
+            "t0.7/p0.9+rep1.15 eot spared": (0.7, 0.9, 1.15),
             "t0.7/p0.9+rep1.15": (0.7, 0.9, 1.15), "t0.7/p0.9+rep1.3": (0.7, 0.9, 1.3)}
+SCOPE = {"eot penalized": "hf", "eot spared": "turns"}
 SHIPPED = "t0.7/p0.9+rep1.15"  # the config's defaults (model.temperature, top_p, ...)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -141,14 +145,14 @@ def community_adapters(lm_cfg: Any, splits: dict[str, Any], k: int) -> dict[str,
 
 
 async def generate(cfg: Any, jobs: list[tuple[str, int | None, str, tuple[float, float, float]]],
-                   adapters: dict[str, Path], spare_end_of_turn: bool = True) -> list[str]:
+                   adapters: dict[str, Path], scope: str = "reply") -> list[str]:
     """Replies to ``jobs`` (key, guild or None, prompt, decoding), all at once through one
     LocalEngine with every adapter resident; each request seeded by its prompt."""
     from bot.engine import GenerationRequest, create_engine
 
     engine = await asyncio.to_thread(create_engine, cfg.model, cfg.lora,
                                      cache_dir=cfg.model_cache)
-    engine.spare_end_of_turn = spare_end_of_turn
+    engine.penalty_scope = scope
     await engine.start()
     try:
         for name, path in adapters.items():
@@ -223,7 +227,8 @@ def main() -> None:
         jobs = [(f"{n}/{who}", guild_of[who](n), p, dec) for n in NAMES for p in prompts[n]
                 for who in whos]
         print(f"decoding {dec_name}: {len(jobs)} replies", flush=True)
-        texts = asyncio.run(generate(cfg, jobs, adapters, "eot penalized" not in dec_name))
+        scope = next((v for k, v in SCOPE.items() if dec_name.endswith(k)), "reply")
+        texts = asyncio.run(generate(cfg, jobs, adapters, scope))
         for n in NAMES:
             for who in whos:
                 got = [t for (k, *_), t in zip(jobs, texts) if k == f"{n}/{who}"]

@@ -14,7 +14,7 @@ from guildtune.config import ConfigError, parse_config
 from guildtune.models import TINY, load_model
 from tests.fakes import TINY_TRAINER, make_config
 from trainer.data import Example
-from trainer.fit import fit, plan_steps
+from trainer.fit import MAX_FLOOR_PASSES, fit, plan_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,9 @@ def test_the_example_config_shows_every_shipped_default() -> None:
 def test_a_small_dataset_is_passed_over_several_times_and_a_large_one_once() -> None:
     cfg = parse_config({}, env={})
     t = cfg.training
-    assert t.min_steps > 0 and t.epochs == 1.0
-    assert plan_steps(3, cfg) == t.min_steps  # 20 examples in batches of 8: not 3 steps
+    assert t.min_steps == 40 and t.epochs == 1.0
+    assert plan_steps(7, cfg) == 40  # 50 examples in batches of 8: 40 steps, not 7
+    assert plan_steps(3, cfg) == 3 * MAX_FLOOR_PASSES  # 20 examples: 6 passes, not 13
     assert plan_steps(500, cfg) == 500  # 4,000 examples: one pass
     assert plan_steps(3, cfg.replace(training={"max_steps": 5})) == 5  # the cap wins
     assert plan_steps(3, cfg.replace(training={"min_steps": 0})) == 3
@@ -59,30 +60,33 @@ def test_a_real_fit_of_a_small_guild_runs_the_minimum_steps(tmp_path: Path) -> N
         assert result.steps == steps and len(result.losses) == steps
 
 
-def test_the_repetition_penalty_spares_the_end_of_turn() -> None:
-    """A chat prompt holds an end-of-turn token per turn; HF's penalty lowers it and replies
-    run on (bench/style.py). Both local decoding paths penalize every seen token but those."""
+def test_the_repetition_penalty_lowers_the_replys_own_tokens_only() -> None:
+    """The prompt's words and end-of-turn tokens are not what a loop repeats; lowering them
+    makes replies run on (HF's rule) or stop at once (sparing only the end of turn):
+    bench/style.py. Both local decoding paths apply the same rule."""
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
     from bot.engine.base import penalized_tokens
-    from bot.engine.local import _sparing_penalty
+    from bot.engine.local import _scoped_penalty
 
-    assert penalized_tokens([5, 2, 7, 2, 9, 7], {2, 0}) == [5, 7, 9]
-    ids = torch.tensor([[0, 5, 2, 7], [9, 2, 2, 3]])
+    assert penalized_tokens([5, 2, 7], [9, 7, 9], {2, 0}) == [7, 9]
+    assert penalized_tokens([5, 2, 7], [9, 7, 9], {2, 0}, "turns") == [5, 7, 9]
+    assert penalized_tokens([5, 2, 7], [9], {2, 0}, "hf") == [2, 5, 7, 9]
+    ids = torch.tensor([[0, 5, 2, 7, 9], [9, 2, 2, 3, 4]])  # prompts of width 4, then a token
     scores = torch.full((2, 12), 4.0)
-    scores[:, 8] = -4.0
-    ours = _sparing_penalty(2.0, {2, 0})(ids, scores.clone())
+    scores[:, 9] = -4.0
+    ours = _scoped_penalty(2.0, {2, 0}, 4, "reply")(ids, scores.clone())
     hf = RepetitionPenaltyLogitsProcessor(2.0)(ids, scores.clone())
-    assert hf[0, 2] == 2.0 and hf[1, 2] == 2.0  # HF lowers the end of turn
-    assert ours[0, 2] == 4.0 and ours[1, 2] == 4.0 and ours[0, 0] == 4.0  # ours spares it
-    assert ours[0, 5] == ours[0, 7] == ours[1, 9] == ours[1, 3] == 2.0  # and lowers the rest
-    assert ours[0, 9] == 4.0 and ours[0, 8] == -4.0  # unseen tokens are untouched
+    assert hf[0, 2] == 2.0 and hf[0, 5] == 2.0  # HF lowers the end of turn and the prompt
+    assert ours[0, 2] == ours[0, 5] == ours[0, 7] == 4.0  # ours: neither
+    assert ours[0, 9] == -8.0 and ours[1, 4] == 2.0  # but the reply's own tokens
+    assert ours[1, 3] == 4.0 and ours[1, 9] == -4.0  # the prompt's, unseen: untouched
 
 
-def test_the_step_loop_ends_a_reply_its_model_wants_to_end() -> None:
-    """The end of turn is the top token by a little, and was in the prompt: HF's rule picks
-    another token (the reply runs on), the engine's picks the end of turn."""
+def test_the_step_loop_lets_a_reply_end_and_echo_the_question() -> None:
+    """The end of turn, then a word of the question, lead by a little: HF's rule picks a third
+    token (the reply runs on and avoids the member's words); the engine's picks the end."""
     import torch
 
     from bot.engine.local import LocalEngine
@@ -93,11 +97,11 @@ def test_the_step_loop_ends_a_reply_its_model_wants_to_end() -> None:
     eng = LocalEngine(load_model(TINY), cfg.model, cfg.lora)
     eot = eng._eos[0]
     picked = {}
-    for spare in (True, False):
-        eng.spare_end_of_turn = spare
+    for scope in ("reply", "hf"):
+        eng.penalty_scope = scope
         loop = StepLoop(eng)
         logits = torch.zeros(64)
-        logits[eot], logits[7] = 2.0, 1.9
+        logits[eot], logits[5], logits[7] = 2.0, 1.95, 1.9
         row = _Live(None, [3, eot, 5, eot], "__base__", None, 8, 0.0, 1.0, 1.3)  # type: ignore
-        picked[spare] = loop._sample(row, logits)
-    assert picked == {True: eot, False: 7}
+        picked[scope] = loop._sample(row, logits)
+    assert picked == {"reply": eot, "hf": 7}

@@ -9,7 +9,7 @@ re-exported here because every engine raises it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,14 +59,27 @@ class GenerationResult:
     cut: bool = False
 
 
-def penalized_tokens(ids: Iterable[int], spare: Collection[int]) -> list[int]:
-    """The tokens a repetition penalty lowers: those already in the prompt and the reply, less
-    ``spare`` (the end-of-turn and padding tokens). A chat prompt holds one end-of-turn token
-    per turn; penalizing it, as HF's ``RepetitionPenaltyLogitsProcessor`` does, makes every
-    reply run on past where it would end: with a penalty of 1.15, SmolLM2's tuned replies ran
-    2-3x as long as the community's own and looped more often (bench/style.py). Both local
-    decoding paths (the step loop and HF generate) apply the penalty to these tokens only."""
-    return sorted(set(ids).difference(spare))
+# Which tokens a repetition penalty lowers (``penalized_tokens``): "reply" (the default), the
+# reply's own tokens only; "turns", the prompt's and the reply's but the end-of-turn and padding
+# tokens; "hf", every token of prompt and reply, as HF's RepetitionPenaltyLogitsProcessor (and
+# vLLM's repetition_penalty) do. "turns" and "hf" are kept for bench/style.py.
+PENALTY_SCOPES = ("reply", "turns", "hf")
+
+
+def penalized_tokens(prompt: Sequence[int], reply: Sequence[int], spare: Collection[int],
+                     scope: str = "reply") -> list[int]:
+    """The tokens a repetition penalty lowers. A chat prompt holds one end-of-turn token per
+    turn, and the member's own words: HF's rule ("hf") lowers both, so with a penalty of 1.15
+    SmolLM2's tuned replies ran 2-3x as long as the community's own and looped more often, and
+    sparing only the end of turn ("turns") cut them to a word or two and made the adapters' voice
+    no more recognisable than the base model's (bench/style.py). A loop is the reply repeating
+    itself, so the default penalizes the reply's own tokens only. Both local decoding paths (the
+    step loop and HF generate) use this."""
+    if scope == "reply":
+        return sorted(set(reply))
+    if scope == "turns":
+        return sorted(set(prompt).union(reply).difference(spare))
+    return sorted(set(prompt).union(reply))
 
 
 # Streaming: called on the event loop with the whole reply text so far (not a delta), each time

@@ -155,23 +155,26 @@ class _RowStreamer:
         self._rows = []
 
 
-def _sparing_penalty(penalty: float, spare: set[int]) -> Any:
-    """HF's repetition penalty over ``penalized_tokens`` only: the step loop's rule, for the
-    micro-batch loop's ``generate``."""
+def _scoped_penalty(penalty: float, spare: set[int], width: int, scope: str) -> Any:
+    """The repetition penalty over ``penalized_tokens`` (the step loop's rule) for the
+    micro-batch loop's ``generate``: the first ``width`` ids of each row are its (left-padded)
+    prompt."""
     import torch
     from transformers import LogitsProcessor
 
-    class SparingRepetitionPenalty(LogitsProcessor):
+    class ScopedRepetitionPenalty(LogitsProcessor):
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             for i, row in enumerate(input_ids.tolist()):
-                seen = torch.tensor(penalized_tokens(row, spare), dtype=torch.long,
-                                    device=scores.device)
-                sc = scores[i].gather(0, seen)
-                scores[i] = scores[i].scatter(0, seen, torch.where(sc < 0, sc * penalty,
-                                                                   sc / penalty))
+                seen = penalized_tokens(row[:width], row[width:], spare, scope)
+                if not seen:
+                    continue
+                idx = torch.tensor(seen, dtype=torch.long, device=scores.device)
+                sc = scores[i].gather(0, idx)
+                scores[i] = scores[i].scatter(0, idx, torch.where(sc < 0, sc * penalty,
+                                                                  sc / penalty))
             return scores
 
-    return SparingRepetitionPenalty()
+    return ScopedRepetitionPenalty()
 
 
 class LocalEngine(Engine):
@@ -206,9 +209,9 @@ class LocalEngine(Engine):
         # Read and convert a new version's weights off the model thread (False: the model
         # thread runs peft's hotswap_adapter from the files, as before; for the bench).
         self.prepare_swaps = True
-        # The repetition penalty spares the end-of-turn tokens (penalized_tokens); False: HF's
-        # rule, which lowers them too (for the bench, bench/style.py).
-        self.spare_end_of_turn = True
+        # Which tokens the repetition penalty lowers (``base.PENALTY_SCOPES``; the others are
+        # for bench/style.py).
+        self.penalty_scope = "reply"
         # Streaming: decode a streaming row's text at most this often.
         self.stream_interval_s = 0.1
         self._eos = self._eos_ids()
@@ -437,10 +440,9 @@ class LocalEngine(Engine):
             "max_new_tokens": max(r.max_new for r in rows), "do_sample": do_sample,
             "pad_token_id": self._pad, "eos_token_id": self._eos,
         }
-        if rep != 1.0 and self.spare_end_of_turn:  # HF's lowers the end of turn too
-            kwargs["logits_processor"] = [_sparing_penalty(rep, {*self._eos, self._pad})]
-        elif rep != 1.0:
-            kwargs["repetition_penalty"] = rep
+        if rep != 1.0:  # HF's own would lower the prompt's tokens too (penalized_tokens)
+            kwargs["logits_processor"] = [_scoped_penalty(rep, {*self._eos, self._pad}, width,
+                                                          self.penalty_scope)]
         if do_sample:
             kwargs.update(temperature=temp, top_p=top_p)
             if seed is not None:

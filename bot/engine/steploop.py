@@ -124,8 +124,7 @@ class StepLoop:
         self.stopping = False
         self._hooks: tuple[list[str], Any] | None = None  # (adapter names, peft hook context)
         self.eos = set(eng._eos)
-        # Never repetition-penalized (penalized_tokens); none with the bench's HF rule.
-        self.spare = self.eos | {eng._pad} if eng.spare_end_of_turn else set()
+        self.spare = self.eos | {eng._pad}  # see penalized_tokens
         top_k = getattr(eng._loaded.model.generation_config, "top_k", None)
         self.top_k = int(top_k) if top_k is not None else 50  # HF generate's default
 
@@ -448,8 +447,9 @@ class StepLoop:
         row draws among the survivors (same distribution, no 49k random numbers a row)."""
         torch = self.torch
         if r.rep != 1.0:  # as RepetitionPenaltyLogitsProcessor, over the row's own tokens
-            seen = torch.tensor(penalized_tokens(r.ids + r.out, self.spare), dtype=torch.long,
-                                device=s.device)
+            seen = torch.tensor(penalized_tokens(r.ids, r.out, self.spare,
+                                                 self.eng.penalty_scope),
+                                dtype=torch.long, device=s.device)
             sc = s.gather(0, seen)
             s = s.scatter(0, seen, torch.where(sc < 0, sc * r.rep, sc / r.rep))
         if r.temp <= 0:
