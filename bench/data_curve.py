@@ -133,12 +133,12 @@ def report(data: dict) -> None:
                         (k, v["loss"] / base - 1))
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
         sweep = {k.split("/")[1]: v for k, v in pts.items()
-                 if k.startswith(name + "/") and k.split("/")[1] not in POLICIES
+                 if k.startswith(name + "/") and k.split("/")[1] not in COLUMNS
                  and k.split("/")[1] != "base"}
         if sweep:
-            k0 = next(iter(pts[k] for k in pts if k.startswith(name + "/") and
-                           k.split("/")[1] not in POLICIES and k.split("/")[1] != "base"))
-            lines += ["", f"Sweep at {k0['n_train']} examples (default: min-steps row):", "",
+            k0 = next(iter(sweep.values()))
+            lines += ["", f"Sweep at {k0['n_train']} examples (the default is the last column "
+                      "above; lr 6e-4, rank 16):", "",
                       "| variant | loss | vs base | steps |", "|---|---|---|---|"]
             for label, v in sweep.items():
                 lines.append(f"| {label} | {v['loss']:.3f} | {v['loss'] / base - 1:+.1%} | "
