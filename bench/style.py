@@ -177,6 +177,29 @@ async def generate(cfg: Any, jobs: list[tuple[str, int | None, str, tuple[float,
         await engine.close()
 
 
+def loss_matrix(cfg: Any, splits: dict[str, Any], adapters: dict[str, Path]) -> dict[str, Any]:
+    """Held-out loss of the base model and of every community's adapter on every community's
+    test slice (the time split of ``bench/communities.py``): issue 14's item 1, for the adapters
+    this benchmark judges."""
+    from peft import PeftModel
+
+    from bench.communities import loss
+    from trainer.pipeline import load_base
+
+    lm = load_base(cfg)
+    out = {"base": {n: loss(lm.model, lm, s.test, cfg) for n, s in splits.items()}}
+    model = None
+    for name, path in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+        model.set_adapter(name)
+        out[name] = {n: loss(model, lm, s.test, cfg) for n, s in splits.items()}
+        print(f"  matrix row {name} done", flush=True)
+    return out
+
+
 def summarize(judge: Any, name: str, replies: list[str]) -> dict[str, Any]:
     pred = judge.predict(replies) if replies else []
     lens = [words(r) for r in replies]
@@ -195,6 +218,8 @@ def main() -> None:
     ap.add_argument("--decoding", default=",".join(DECODING),
                     help="the first one is the main table (with another community's adapter)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--matrix", action="store_true",
+                    help="also the held-out loss matrix of the same adapters (issue 14 item 1)")
     args = ap.parse_args()
 
     cfg = bench_config(args.model, threads=args.threads)
@@ -210,6 +235,8 @@ def main() -> None:
     res.put("judge", {"n_train": len(xt), "n_val": len(xv), "accuracy": acc,
                       "chance": 1 / len(NAMES)})
     adapters = community_adapters(cfg, splits, args.train_examples)
+    if args.matrix and not res.has("matrix"):
+        res.put("matrix", loss_matrix(cfg, splits, adapters))
     other = {n: NAMES[(i + 1) % len(NAMES)] for i, n in enumerate(NAMES)}
     prompts = {n: [ex.messages[1][1] for ex in s.test[-args.prompts:]] for n, s in splits.items()}
     real = {n: [ex.messages[2][1] for ex in s.test[-args.prompts:]] for n, s in splits.items()}
@@ -273,6 +300,22 @@ def report(data: dict[str, Any], other: dict[str, str], stem: str) -> None:
                for w in whos}
         lines += ["", "Mean attributed: " + ", ".join(f"{w} {tot[w]:.0%}" for w in whos)
                   + "; degenerate: " + ", ".join(f"{w} {deg[w]:.0%}" for w in whos) + ".", ""]
+    if "matrix" in pts:
+        m = pts["matrix"]
+        lines += ["**Held-out loss on each community's newest 48 pairs** (rows: base and each "
+                  "community's adapter, columns: whose data; the same adapters)", "",
+                  "| adapter \\ data | " + " | ".join(NAMES) + " |", "|---|" + "---|" * len(NAMES)]
+        for row, vals in m.items():
+            lines.append(f"| {row} | " + " | ".join(
+                f"**{vals[c]:.3f}**" if row == c else f"{vals[c]:.3f}" for c in NAMES) + " |")
+        lines += ["", "| community | own vs base | own best | next best is worse by |",
+                  "|---|---|---|---|"]
+        for n in NAMES:
+            best = min(NAMES, key=lambda a: m[a][n]) == n
+            nxt = min(m[a][n] for a in NAMES if a != n) / m[n][n] - 1
+            lines.append(f"| {n} | {m[n][n] / m['base'][n] - 1:+.1%} | "
+                         f"{'yes' if best else 'NO'} | {nxt:+.1%} |")
+        lines.append("")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -374,11 +374,15 @@ def test_ctrl_c_ends_the_console_at_once(tmp_path: Path) -> None:
         signal.raise_signal(signal.SIGINT)
         await task
 
+    # A console process starts with Python's own SIGINT handler (asyncio.run turns it into a
+    # cancel only then); an earlier test in this process may have left another one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             asyncio.run(main())
     finally:
+        signal.signal(signal.SIGINT, previous)
         timer.cancel()
         stdin.close()  # the abandoned read ends too
     assert not freed_by_watchdog.is_set()
