@@ -12,7 +12,7 @@ are compared on base and own adapter (issue 14, item 5).
 
     .venv/bin/python bench/style.py [--prompts 32] [--train-examples 200]
 
-Needs scikit-learn (``pip install scikit-learn``; not a dependency of guildtune). Not in CI.
+Needs scikit-learn (``pip install -e ".[bench]"``; not a dependency of the bot). Not in CI.
 Adapters are cached in /tmp/guildtune-bench/adapters; results in bench/results/style.json and
 style.md.
 """
