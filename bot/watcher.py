@@ -18,7 +18,6 @@ from bot.services import Services
 log = logging.getLogger(__name__)
 
 
-
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel a polling task and wait until it has ended (None: nothing to stop)."""
     if task is not None:
@@ -41,6 +40,7 @@ async def poll_forever(step: Callable[[], Awaitable[Any]], interval: Callable[[]
         except Exception:
             log.exception("%s failed", what)
         await asyncio.sleep(interval())
+
 
 class AdapterWatcher:
     """Keeps the engine serving what storage says is active (new versions, rollbacks).

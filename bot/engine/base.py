@@ -79,7 +79,15 @@ def penalized_tokens(prompt: Sequence[int], reply: Sequence[int], spare: Collect
         return sorted(set(reply))
     if scope == "turns":
         return sorted(set(prompt).union(reply).difference(spare))
-    return sorted(set(prompt).union(reply))
+    if scope == "hf":
+        return sorted(set(prompt).union(reply))
+    raise ValueError(f"penalty scope {scope!r} is not one of {', '.join(PENALTY_SCOPES)}")
+
+
+def stopped_by_length(out: Sequence[int], max_new: int, eos: Collection[int]) -> bool:
+    """Whether a reply of tokens ``out`` was cut at ``max_new`` rather than ended by its model
+    (``GenerationResult.cut``): both local decoding paths decide it here."""
+    return len(out) >= max_new and bool(out) and out[-1] not in eos
 
 
 # Streaming: called on the event loop with the whole reply text so far (not a delta), each time

@@ -60,6 +60,7 @@ from bot.engine.base import (
     GenerationResult,
     OnText,
     penalized_tokens,
+    stopped_by_length,
 )
 from bot.engine.handoff import STOP, CtlItem, GenItem, call_on_text, resolve
 from bot.engine.peft_adapters import PeftAdapters, PreparedAdapter
@@ -217,6 +218,8 @@ class LocalEngine(Engine):
         self._eos = self._eos_ids()
         self._pad = (self._tok.pad_token_id if self._tok.pad_token_id is not None
                      else self._eos[0])
+        # Tokens the "turns" penalty scope spares: end of turn and padding (penalized_tokens).
+        self.unpenalized = {*self._eos, self._pad}
         self._specials = special_strings(self._tok)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -441,7 +444,7 @@ class LocalEngine(Engine):
             "pad_token_id": self._pad, "eos_token_id": self._eos,
         }
         if rep != 1.0:  # HF's own would lower the prompt's tokens too (penalized_tokens)
-            kwargs["logits_processor"] = [_scoped_penalty(rep, {*self._eos, self._pad}, width,
+            kwargs["logits_processor"] = [_scoped_penalty(rep, self.unpenalized, width,
                                                           self.penalty_scope)]
         if do_sample:
             kwargs.update(temperature=temp, top_p=top_p)
@@ -472,7 +475,7 @@ class LocalEngine(Engine):
                     n = j + 1
                     break
             text = self._tok.decode(toks[:n], skip_special_tokens=True).strip() or FALLBACK_TEXT
-            cut = n >= r.max_new and toks[n - 1] not in self._eos
+            cut = stopped_by_length(toks[:n], r.max_new, self._eos)
             done.append((r.item, GenerationResult(text, r.version, len(r.ids), n,
                                                   (now - r.item.t0) * 1000, cut=cut)))
         return done

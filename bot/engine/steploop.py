@@ -21,6 +21,7 @@ from bot.engine.base import (
     EngineError,
     GenerationResult,
     penalized_tokens,
+    stopped_by_length,
 )
 from bot.engine.handoff import STOP, CtlItem, GenItem, call_on_text, resolve
 
@@ -124,7 +125,6 @@ class StepLoop:
         self.stopping = False
         self._hooks: tuple[list[str], Any] | None = None  # (adapter names, peft hook context)
         self.eos = set(eng._eos)
-        self.spare = self.eos | {eng._pad}  # see penalized_tokens
         top_k = getattr(eng._loaded.model.generation_config, "top_k", None)
         self.top_k = int(top_k) if top_k is not None else 50  # HF generate's default
 
@@ -447,7 +447,7 @@ class StepLoop:
         row draws among the survivors (same distribution, no 49k random numbers a row)."""
         torch = self.torch
         if r.rep != 1.0:  # as RepetitionPenaltyLogitsProcessor, over the row's own tokens
-            seen = torch.tensor(penalized_tokens(r.ids, r.out, self.spare,
+            seen = torch.tensor(penalized_tokens(r.ids, r.out, self.eng.unpenalized,
                                                  self.eng.penalty_scope),
                                 dtype=torch.long, device=s.device)
             sc = s.gather(0, seen)
@@ -544,7 +544,7 @@ class StepLoop:
             log.exception("decoding a finished row failed")
             resolve(r.item.loop, r.item.fut, exc=_error(exc))
             return
-        cut = len(r.out) >= r.max_new and r.out[-1] not in self.eos
+        cut = stopped_by_length(r.out, r.max_new, self.eos)
         resolve(r.item.loop, r.item.fut, GenerationResult(
             text or FALLBACK_TEXT, r.version, len(r.ids), len(r.out), (now - r.item.t0) * 1000,
             cut=cut))
