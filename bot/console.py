@@ -33,6 +33,7 @@ from bot.context import Turn, merge_context
 from bot.core import Core, UserError, unstorable
 from bot.engine import Engine, GenerationRequest, GenerationResult
 from bot.engine.base import OnText
+from bot.replies import cut_note
 from bot.services import Services
 from bot.status import FINISHED, run_summary
 from bot.terminal import is_terminal, read_line, render_markdown
@@ -237,6 +238,7 @@ class Console:
         self._reported: int | None = None  # the newest finished run already told of
         self._progress: tuple[int, str, float] | None = None  # (run, phase, when) last shown
         self._worker_gone = False
+        self._swaps: list[str] = []  # swap lines held until their run's outcome is told
 
     @property
     def guild_label(self) -> str:
@@ -259,8 +261,13 @@ class Console:
         self.out.flush()
 
     async def _notify(self, guild_id: int, line: str) -> None:
-        if guild_id == self.guild_id:
-            self.say(f"[admin log] {line}")
+        if guild_id != self.guild_id:
+            return
+        # The trainer activates a new version a moment before its worker records the run's
+        # end, and the watcher may swap it in between: the run's outcome is told first, then
+        # the swap it led to (``follow_training`` lets the line out).
+        self._swaps.append(f"[admin log] {line}")
+        await self.follow_training()
 
     def _training_line(self) -> str:
         """What the start says of training: off (and how to turn it on), or who trains."""
@@ -334,6 +341,7 @@ class Console:
         finally:
             await self.watcher.stop()
             await self._stop_following()
+            self._tell_swaps()  # a swap whose run had not ended by now is still told
         return 0
 
     async def handle(self, line: str, stdin: TextIO) -> None:
@@ -452,22 +460,41 @@ class Console:
                     self._worker_gone = True
                     self.say(f"[training] {down}")
             runs = await asyncio.to_thread(self.s.store.runs, self.guild_id, 1)
-            if not runs:
-                return
-            run = runs[0]
-            if run.status in FINISHED:
-                if self._reported != run.id:
-                    self._reported = run.id
-                    self.say(f"[training] run {run_summary(run)}")
-                return
-            if run.status != "running" or not run.progress:
-                return
-            phase, now = phase_of(run.progress), self.s.clock()
-            last = self._progress
-            if (last is None or last[:2] != (run.id, phase)
-                    or now - last[2] >= LOG_EVERY_S):
-                self._progress = (run.id, phase, now)
-                self.say(f"[training] run #{run.id}: {progress_line(run.progress)}")
+            run = runs[0] if runs else None
+            if run is not None:
+                self._tell_run(run)
+            if self._swaps and not await self._run_publishing(run):
+                self._tell_swaps()
+
+    def _tell_run(self, run: Any) -> None:
+        """A line for this guild's newest run: its end once, its phase as it changes."""
+        if run.status in FINISHED:
+            if self._reported != run.id:
+                self._reported = run.id
+                self.say(f"[training] run {run_summary(run)}")
+            return
+        if run.status != "running" or not run.progress:
+            return
+        phase, now = phase_of(run.progress), self.s.clock()
+        last = self._progress
+        if (last is None or last[:2] != (run.id, phase)
+                or now - last[2] >= LOG_EVERY_S):
+            self._progress = (run.id, phase, now)
+            self.say(f"[training] run #{run.id}: {progress_line(run.progress)}")
+
+    async def _run_publishing(self, run: Any) -> bool:
+        """Whether ``run`` is still running although the active version is its own (it has
+        published; its end is recorded next): swap lines wait for that end. A worker seen
+        dead here will record nothing more: they wait no longer."""
+        if run is None or run.status != "running" or self._worker_gone:
+            return False
+        active = await asyncio.to_thread(self.s.store.active_version, self.guild_id)
+        return active is not None and active.run_id == run.id
+
+    def _tell_swaps(self) -> None:
+        lines, self._swaps = self._swaps, []
+        for line in lines:
+            self.say(line)
 
     async def wait_for_training(self) -> None:
         """/wait: until this guild's queued or running run has ended, and the version it
@@ -504,8 +531,7 @@ class Console:
             stored = f"not stored: {out.not_stored}"
         else:
             stored = "logged" if out.logged else "not logged (/consent on to allow)"
-        cut = (f"… cut at model.max_new_tokens = {self.s.config.model.max_new_tokens} · "
-               if out.result.cut else "")
+        cut = f"{cut_note(self.s.config.model.max_new_tokens)} · " if out.result.cut else ""
         self.say(f"  [{cut}{'base model' if v is None else f'v{v}'} · "
                  f"{out.result.latency_ms:.0f} ms · {stored}]")
 

@@ -30,6 +30,7 @@ from bot.replies import (
     RateLimiter,
     ReplyChannel,
     ReplyStream,
+    mark_cut,
     split_reply,
 )
 from bot.services import Services
@@ -225,7 +226,9 @@ class Core:
                 raise
         # NUL bytes are never legitimate chat text (Discord rejects them, SQLite tools choke).
         reply_text = result.text.replace("\x00", "")
-        parts = split_reply(reply_text) or ["…"]
+        # A reply cut at max_new_tokens says so (the one rule for the Cog and the console);
+        # the log keeps the model's own words.
+        parts = split_reply(mark_cut(reply_text) if result.cut else reply_text) or ["…"]
         out = ChatOutcome(result=result)
         if stream is None:
             for i, part in enumerate(parts):

@@ -1,10 +1,12 @@
 """How a reply goes out: split into Discord-sized parts, rate limited, sent to a channel.
 
-``split_reply`` cuts a reply into messages of at most ``DISCORD_LIMIT`` characters and keeps
-code fences rendering in every part; ``RateLimiter`` is the sliding one-minute window used for
-members, guilds and ratings; ``ReplyChannel`` is what a front end (the Cog's Discord reply, the
-console) hands ``Core.chat`` to send through; ``ReplyStream`` shows a reply while it is being
-generated (send, then throttled edits) and ends with exactly the parts of ``split_reply``.
+``mark_cut`` is the one rule for marking a reply cut at ``model.max_new_tokens`` (the Cog's and
+the console's replies both end in ``CUT_MARK``); ``split_reply`` cuts a reply into messages of
+at most ``DISCORD_LIMIT`` characters and keeps code fences rendering in every part;
+``RateLimiter`` is the sliding one-minute window used for members, guilds and ratings;
+``ReplyChannel`` is what a front end (the Cog's Discord reply, the console) hands ``Core.chat``
+to send through; ``ReplyStream`` shows a reply while it is being generated (send, then
+throttled edits) and ends with exactly the parts of ``split_reply``.
 No store, no engine, no discord.
 """
 
@@ -25,6 +27,9 @@ POLITE_FAILURE = ("Sorry, something went wrong on my side. The bot's operator ca
                   "details in the log.")
 # What replaces a half-streamed reply when the chat is cancelled (the bot shuts down).
 INTERRUPTED = "(Interrupted: the bot stopped before this reply was finished. Please ask again.)"
+# Ends a reply the engine cut at model.max_new_tokens (``GenerationResult.cut``): it may stop
+# mid-sentence, and the member should not take it for the whole answer.
+CUT_MARK = "…"
 FENCE_LANG_MAX = 24  # a reopened code fence keeps its language only when it looks like one
 # Interrupt notices still going after their wait timed out: the loop keeps only weak references.
 _BACKGROUND: set[asyncio.Task[None]] = set()
@@ -38,6 +43,22 @@ def _open_fence(text: str, start: str | None = None) -> str | None:
         if s.startswith("```"):
             lang = s[3:].strip() if lang is None else None
     return lang
+
+
+def mark_cut(text: str) -> str:
+    """A reply cut at ``model.max_new_tokens`` as members see it: ending in ``CUT_MARK``
+    (after the code fence it was cut in, closed, so the mark shows outside the code). What is
+    logged for training stays the model's own text: the mark is not the model's to learn."""
+    text = text.rstrip()
+    if _open_fence(text) is not None:
+        return f"{text}\n```\n{CUT_MARK}"
+    return text + CUT_MARK
+
+
+def cut_note(max_new_tokens: int) -> str:
+    """Why a reply ends in ``CUT_MARK``, for a front end's line about the reply (the
+    console's)."""
+    return f"{CUT_MARK} cut at model.max_new_tokens = {max_new_tokens}"
 
 
 def split_reply(text: str, limit: int = DISCORD_LIMIT) -> list[str]:

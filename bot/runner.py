@@ -4,6 +4,13 @@ Intents: guilds, guild messages, message content (privileged: enable it in the D
 Portal), guild reactions; DM messages and reactions only when ``discord.allow_dms``. Commands are
 never synced on start: syncing is an explicit owner action (``guildtune sync``), because every
 sync counts against a daily limit and a half-deployed version would overwrite the live commands.
+
+Sharding (``discord.shard_count``, ``discord.shard_ids``; ``make_bot``): an
+``AutoShardedBot`` runs this process's shards over one Cog, one store and one engine, so nothing
+here is per connection: the Cog keys its state by guild, never asks for ``bot.latency`` or waits
+on readiness, and sets no presence. Several processes split the shards and share one PostgreSQL
+and one vLLM server; the command tree is one per application, so only the config that holds
+shard 0 (or all shards) may sync it (``syncs_commands``).
 """
 
 from __future__ import annotations
@@ -39,21 +46,61 @@ def make_intents(cfg: Config) -> discord.Intents:
     return intents
 
 
-class GuildTuneBot(commands.Bot):
-    """A bot whose only feature is the guildtune extension."""
+class _Standalone:
+    """What the standalone bot adds to discord.py's bot class, sharded or not: its only feature
+    is the guildtune extension."""
 
     def __init__(self, cfg: Config, **kwargs: Any) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, intents=make_intents(cfg),
+        super().__init__(command_prefix=commands.when_mentioned,  # type: ignore[call-arg]
+                         intents=make_intents(cfg),
                          allowed_mentions=discord.AllowedMentions.none(), **kwargs)
         self.guildtune_config = cfg
 
     async def setup_hook(self) -> None:
-        await self.load_extension("bot")
+        await self.load_extension("bot")  # type: ignore[attr-defined]
 
     async def on_message(self, message: discord.Message) -> None:
         # No prefix commands in the standalone bot: a mention is a chat message for the Cog's
         # listener, not a command to parse (which would log CommandNotFound on every mention).
         return None
+
+
+class GuildTuneBot(_Standalone, commands.Bot):
+    """The standalone bot on one gateway connection (``discord.shard_count = 0``)."""
+
+
+class ShardedGuildTuneBot(_Standalone, commands.AutoShardedBot):
+    """The standalone bot running shards: ``discord.shard_count`` of them in all, of which this
+    process runs ``discord.shard_ids`` (all when empty)."""
+
+
+def shard_options(cfg: Config) -> dict[str, Any]:
+    """``AutoShardedBot``'s ``shard_count`` and ``shard_ids`` from the config: None for "auto"
+    (the library asks Discord) and for no ids (the library runs 0 .. shard_count - 1)."""
+    d = cfg.discord
+    return {"shard_count": None if d.shard_count == "auto" else d.shard_count,
+            "shard_ids": list(d.shard_ids) or None}
+
+
+def make_bot(cfg: Config, **kwargs: Any) -> GuildTuneBot | ShardedGuildTuneBot:
+    """The bot ``guildtune run`` serves: sharded when ``discord.shard_count`` is set, else a
+    plain ``commands.Bot`` on one connection."""
+    if not cfg.discord.sharded:
+        return GuildTuneBot(cfg, **kwargs)
+    return ShardedGuildTuneBot(cfg, **shard_options(cfg), **kwargs)
+
+
+def syncs_commands(cfg: Config) -> bool:
+    """Whether this config is the one whose ``guildtune sync`` registers the slash commands.
+
+    The command tree belongs to the application, not to a shard or a process: a sync from each
+    of several processes would only spend Discord's daily sync limit (and a host still on the
+    old version could overwrite the new commands). The rule: the process that holds shard 0
+    syncs; that is every config without ``discord.shard_ids`` (unsharded, or all shards in one
+    process) and any config whose ``shard_ids`` include 0.
+    """
+    ids = cfg.discord.shard_ids
+    return not ids or 0 in ids
 
 
 def require_token(cfg: Config) -> str:
@@ -86,11 +133,14 @@ def spawn_worker(cfg: Config, *, log_file: Path | None = None
     # The worker never talks to Discord: it does not get the token.
     env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
     env[PARENT_PID_ENV] = str(os.getpid())
+    # Its own process group: the terminal's Ctrl-C, Ctrl-\ and Ctrl-Z go to the bot or the
+    # console only, which stops the worker itself (stop_worker); it dies with us regardless
+    # (PR_SET_PDEATHSIG, set by the worker).
     if log_file is None:
-        return subprocess.Popen(cmd, env=env)
+        return subprocess.Popen(cmd, env=env, process_group=0)
     with open(log_file, "ab") as out:  # the child has its own copy of the descriptor
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, process_group=0)
 
 
 async def stop_worker(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
@@ -115,7 +165,7 @@ async def serve(cfg: Config, *, worker: bool = True) -> None:
     token = require_token(cfg)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    bot: GuildTuneBot | None = None
+    bot: GuildTuneBot | ShardedGuildTuneBot | None = None
     closing: set[asyncio.Task[None]] = set()
 
     def on_sigterm() -> None:
@@ -135,8 +185,12 @@ async def serve(cfg: Config, *, worker: bool = True) -> None:
     except (NotImplementedError, RuntimeError):  # not Unix, or not the main thread
         handled = False
     proc = spawn_worker(cfg) if worker else None
+    d = cfg.discord
+    if d.sharded:
+        log.info("sharded: shards %s of %s in this process",
+                 list(d.shard_ids) or "all", d.shard_count)
     try:
-        async with GuildTuneBot(cfg) as bot:
+        async with make_bot(cfg) as bot:
             if stopping.is_set():
                 return
             try:
@@ -167,10 +221,16 @@ async def sync_commands(cfg: Config, guild_id: int | None = None) -> list[str]:
     """Register the slash commands with Discord (globally, or to one guild at once).
 
     Logs in over HTTP only (no gateway) and builds the commands without loading a model.
+    Refused (``ConfigError``) for a config that does not hold shard 0 (``syncs_commands``).
     """
     from bot.cog import GuildTuneCog
     from bot.services import Services
 
+    if not syncs_commands(cfg):
+        raise ConfigError(
+            f"guildtune sync: this config runs shards {list(cfg.discord.shard_ids)} "
+            "(discord.shard_ids), not shard 0: the slash commands are one set per application, "
+            "synced once; run guildtune sync with the config of the process that holds shard 0")
     token = require_token(cfg)
     bot = commands.Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.none())
     # The tree only needs the command definitions: a Cog over placeholder services is enough.

@@ -42,11 +42,7 @@ async def open_services(config: Config, *, engine: Engine | None = None,
     stack that it hands to the Cog, which closes it in ``cog_unload``."""
     import asyncio
 
-    from storage.store import open_store
-
-    store = await asyncio.to_thread(open_store, config.db_path,
-                                    busy_timeout_ms=config.storage.busy_timeout_ms,
-                                    write_retries=config.storage.write_retries)
+    store = await asyncio.to_thread(config.open_store)
     made = None
     try:
         if engine is None:

@@ -31,7 +31,9 @@ NO_MENTIONS = discord.AllowedMentions.none()
 
 def _core(client: discord.Client) -> Core | None:
     """The loaded Cog's ``Core``, or None when the Cog is not loaded on ``client``."""
-    cog = client.get_cog(COG_NAME) if isinstance(client, commands.Bot) else None
+    # AutoShardedBot is no commands.Bot subclass: a sharded host has the Cog as well.
+    bots = (commands.Bot, commands.AutoShardedBot)
+    cog = client.get_cog(COG_NAME) if isinstance(client, bots) else None
     core = getattr(cog, "core", None)
     return core if isinstance(core, Core) else None
 

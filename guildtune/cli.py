@@ -61,11 +61,18 @@ def _data_dir(cfg: Config) -> Path:
 
 
 def _store(cfg: Config):  # noqa: ANN202 - storage import kept local for start-up time
-    from storage import open_store
-
     _data_dir(cfg)
-    return open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
-                      write_retries=cfg.storage.write_retries)
+    return cfg.open_store()
+
+
+def no_database(cfg: Config) -> str | None:
+    """What a command says when there is no database yet (None: there is one, or the data dir
+    is a file, which ``_store`` reports). A command that reads or deletes members' data asks
+    this before ``_store``, which would create an empty database as a side effect."""
+    where = cfg.store_url
+    if isinstance(where, str) or where.exists() or cfg.data_dir.is_file():
+        return None  # a PostgreSQL database exists on its server (or the error says not)
+    return f"no database yet at {where} (`guildtune init` creates it)"
 
 
 def _print_json(obj: Any) -> None:
@@ -76,10 +83,11 @@ def _print_json(obj: Any) -> None:
 def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     """Create the data directory (mode 0700) and the database."""
     store = _store(cfg)
+    where = store.where  # a file, or the server's URL without its password
     store.close()
     (cfg.adapters_dir).mkdir(parents=True, exist_ok=True)
     print(f"data dir: {cfg.data_dir}")
-    print(f"database: {cfg.db_path} (schema up to date)")
+    print(f"database: {where} (schema up to date)")
     print(f"config:   {cfg.source}")
     off = operator_block(cfg)
     print("training: enabled by the operator" if off is None else
@@ -94,13 +102,12 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     # No discord, no torch in it; the same words as /tune status.
     from bot.status import StatusReport
 
-    if not cfg.db_path.exists() and not cfg.data_dir.is_file():
-        # A status never creates the database as a side effect (a data dir that is a file is
-        # still the one-line error of _store).
+    missing = no_database(cfg)
+    if missing is not None:  # a status never creates the database as a side effect
         if args.json:
             _print_json({"data_dir": str(cfg.data_dir), "guilds": []})
         else:
-            print(f"no database yet at {cfg.db_path} (`guildtune init` creates it); no guilds")
+            print(f"{missing}; no guilds")
         return 0
     store = _store(cfg)
     try:
@@ -144,6 +151,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
     """Everything stored of one member, as JSON; an error when nothing is (so an id typed
     wrong is not mistaken for a member with no data)."""
+    missing = no_database(cfg)
+    if missing is not None:
+        raise CommandError(f"{missing}; nothing is stored for member {args.user}")
     store = _store(cfg)
     try:
         data = store.export_user(args.user, args.guild)
@@ -165,6 +175,11 @@ def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_forget(args: argparse.Namespace, cfg: Config) -> int:
     """Delete every row of one member; taint and retrain the versions trained on them."""
+    missing = no_database(cfg)
+    if missing is not None:  # as for a member the store does not know: safe to repeat, exit 0
+        print(f"{missing}: nothing stored for member {args.user}, nothing deleted; for a later "
+              "import to leave their messages out, forget them again once it exists")
+        return 0
     store = _store(cfg)
     try:
         report = store.forget_user(args.user, args.guild,
@@ -281,8 +296,9 @@ def cmd_guild(args: argparse.Namespace, cfg: Config) -> int:
                                                      ("learn_from_humans",
                                                       args.learn_from_humans))
                if value is not None}
-    if not changes and not cfg.db_path.exists():
-        raise CommandError(f"no database yet at {cfg.db_path} (`guildtune init` creates it)")
+    missing = no_database(cfg)
+    if not changes and missing is not None:
+        raise CommandError(missing)
     store = _store(cfg)
     try:
         gs = (store.update_guild_settings(args.guild, **changes) if changes
@@ -309,6 +325,9 @@ def cmd_schema(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
     """Copy the live database to PATH (SQLite online backup: safe while the bot runs)."""
+    missing = no_database(cfg)
+    if missing is not None:  # a backup of an empty database it just created would mislead
+        raise CommandError(f"{missing}; nothing to back up")
     store = _store(cfg)
     try:
         dest = store.backup(args.path)
@@ -320,12 +339,15 @@ def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
     """Replace the database with the backup at PATH; the old one is kept beside it."""
-    from storage import open_store, restore_backup
+    from storage import restore_backup
 
+    if isinstance(cfg.store_url, str):
+        raise CommandError("storage.url is a PostgreSQL database: restore it with pg_restore "
+                           "(see the README's Scaling out), not guildtune restore")
     kept = restore_backup(args.path, cfg.db_path,
                           lock_timeout_ms=min(cfg.storage.busy_timeout_ms, 1000))
     # Open once: applies any migration newer than the backup, and proves the file opens.
-    open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms).close()
+    cfg.open_store().close()
     print(f"restored {cfg.db_path} from {args.path}"
           + (f"; the replaced database is kept as {kept}" if kept else ""))
     return 0

@@ -37,7 +37,8 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("sync", help="register the slash commands with Discord (explicit, "
-                                    "never done on start)")
+                                    "never done on start; when sharded, with the config of "
+                                    "the process holding shard 0)")
     p.add_argument("--guild", type=discord_id, default=None, metavar="ID",
                    help="sync to one guild (instant) instead of globally (up to an hour)")
     p.set_defaults(func=cmd_sync)

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,10 +63,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _store(cfg: Config) -> Any:
-    from storage import open_store
-
-    return open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
-                      write_retries=cfg.storage.write_retries)
+    return cfg.open_store()
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
@@ -74,13 +72,13 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     worker); prints the gate's numbers."""
     from rich.console import Console
 
-    from guildtune.models import check_model_name
+    from guildtune.models import check_model_source
     from trainer.pipeline import TrainingError
     from trainer.worker import train_foreground
 
     if args.model:
         cfg = cfg.replace(model={"name": args.model})
-    check_model_name(cfg.model.name)  # before a bar or a log line: the error is all there is
+    check_model_source(cfg.model.name)  # before a bar or a log line: the error is all there is
     console = Console(stderr=True)
     store = _store(cfg)
     train = functools.partial(train_foreground, store, cfg, args.guild, force=args.force,
@@ -182,7 +180,15 @@ def _parent_pid() -> int | None:
 
 def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
     """Run the worker loop (and, unless --once, the schedule) until SIGTERM/SIGINT, or until
-    the process that spawned it dies. With --once: 1 when any run it handled failed."""
+    the process that spawned it dies. With --once: 1 when any run it handled failed.
+
+    A worker spawned by the bot or the console ignores SIGINT: Ctrl-C at their terminal
+    reaches every process of its group, but it is theirs; they stop the worker with SIGTERM,
+    and the training children it starts inherit the ignored SIGINT (no KeyboardInterrupt
+    traceback in the worker's log)."""
+    parent_pid = _parent_pid()
+    if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: the imports below take a while
     from guildtune.schedule import make_scheduler
     from trainer.worker import run_worker_process
 
@@ -196,7 +202,7 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
             # Also applies privacy.retention_days, whatever the training switch says.
             scheduler = make_scheduler(store, cfg, asyncio=False, background=True)
             scheduler.start()
-        report = run_worker_process(cfg, once=args.once, store=store, parent_pid=_parent_pid())
+        report = run_worker_process(cfg, once=args.once, store=store, parent_pid=parent_pid)
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
@@ -269,6 +275,11 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     """Retire the active version and re-activate the previous clean one (or the base)."""
+    from guildtune.cli import no_database
+
+    missing = no_database(cfg)
+    if missing is not None:
+        raise CommandError(f"{missing}; nothing to roll back")
     store = _store(cfg)
     try:
         before = store.active_version(args.guild)

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# The storage package's rules for a storage.url (one home: it opens what they accept).
+from storage.postgres import is_postgres_url
+from storage.postgres import redact_url as without_password
+
 ENV_CONFIG = "GUILDTUNE_CONFIG"
 ENV_TOKEN = "DISCORD_TOKEN"
 ENV_MODEL_CACHE = "GUILDTUNE_MODEL_CACHE"  # the default model cache (tests and CI isolate it)
@@ -85,6 +89,11 @@ class DiscordConfig:
     feedback_per_minute: int = 20
     stream_replies: bool = True
     stream_edit_interval_s: float = 1.0
+    # Sharding (bot/runner.py make_bot): 0 = one gateway connection, a plain Bot; "auto" = as
+    # many shards as Discord recommends, all in this process; N = N shards in all, of which this
+    # process runs shard_ids (empty: all N). Processes sharing the work share one PostgreSQL.
+    shard_count: int | Literal["auto"] = 0
+    shard_ids: tuple[int, ...] = ()
     # Read from the environment at load time, never from the file; hidden from repr.
     token: str = field(default="", repr=False)
 
@@ -96,19 +105,73 @@ class DiscordConfig:
         _non_negative("discord.retrain_cooldown_minutes", self.retrain_cooldown_minutes)
         _positive("discord.feedback_per_minute", self.feedback_per_minute)
         _non_negative("discord.stream_edit_interval_s", self.stream_edit_interval_s)
+        self._validate_shards()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the bot runs as shards (``shard_count`` "auto" or N), not one connection."""
+        return self.shard_count != 0
+
+    def _validate_shards(self) -> None:
+        count, ids = self.shard_count, list(self.shard_ids)
+        numeric = type(count) is int  # not a bool
+        _check(count == "auto" or (numeric and count >= 0), "discord.shard_count", count,
+               'the total number of shards (1 or more), "auto" (Discord decides) or 0 (no '
+               "sharding)")
+        if not ids:
+            return
+        _check(count != "auto", "discord.shard_ids", ids,
+               'shard ids need a numeric discord.shard_count, not "auto" (processes that '
+               "split the shards must agree on their number): set the total, e.g. 4")
+        _check(count != 0, "discord.shard_ids", ids,
+               "shard ids need discord.shard_count set to the total number of shards, e.g. 4")
+        assert isinstance(count, int)
+        bad = [i for i in ids if not 0 <= i < count]
+        _check(not bad, "discord.shard_ids", ids,
+               f"each id must be from 0 to {count - 1} (discord.shard_count = {count}); "
+               f"out of range: {', '.join(map(str, bad))}")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        _check(not twice, "discord.shard_ids", ids,
+               f"each shard id once (listed more than once: {', '.join(map(str, twice))})")
+
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+STORAGE_URL_FORMS = ('"" (the SQLite file in storage.data_dir), a path to a SQLite file, or a '
+                     "postgresql://user@host/db URL (also postgres://)")
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: str = ""  # empty: the user's data directory (see default_data_dir)
+    # Empty: <data_dir>/guildtune.db; else a SQLite file path or a postgresql:// URL (see
+    # Config.store_url). Hidden from repr: a URL may carry a password.
+    url: str = field(default="", repr=False)
     busy_timeout_ms: int = 5000
     write_retries: int = 3
 
     def validate(self) -> None:
         _check("\x00" not in self.data_dir, "storage.data_dir", self.data_dir,
                "a directory path (it contains a NUL character)")
+        self._validate_url()
         _non_negative("storage.busy_timeout_ms", self.busy_timeout_ms)
         _non_negative("storage.write_retries", self.write_retries)
+
+    def _validate_url(self) -> None:
+        url = self.url
+        shown = without_password(url)
+        _check("\x00" not in url, "storage.url", shown,
+               f"{STORAGE_URL_FORMS} (it contains a NUL character)")
+        _check(url == "" or url.strip() != "", "storage.url", shown,
+               f"{STORAGE_URL_FORMS} (it is only blanks)")
+        scheme = _URL_SCHEME.match(url)
+        _check(scheme is None or is_postgres_url(url), "storage.url", shown,
+               f"{STORAGE_URL_FORMS}; {scheme[1] if scheme else ''}:// is not supported")
+        if url and scheme is None:
+            # What can be told without writing: a directory there is not a database file.
+            path = Path(url).expanduser()
+            _check(not path.is_dir(), "storage.url", shown,
+                   f"a SQLite file path, but {str(path)!r} is a directory: name the file "
+                   f"in it, e.g. {str(path / 'guildtune.db')!r}")
 
 
 @dataclass(frozen=True)
@@ -289,7 +352,27 @@ class Config:
 
     @property
     def db_path(self) -> Path:
+        """The default SQLite file, ``<data_dir>/guildtune.db``; where the store really is,
+        with ``storage.url`` set, is ``store_url``."""
         return self.data_dir / "guildtune.db"
+
+    @property
+    def store_url(self) -> str | Path:
+        """Where the store is: ``storage.url`` as given (a ``str``) when it is a PostgreSQL
+        URL, else a SQLite file ``Path``: ``storage.url`` expanded (``~``), or ``db_path``
+        when it is empty."""
+        url = self.storage.url
+        if is_postgres_url(url):
+            return url
+        return Path(url).expanduser() if url else self.db_path
+
+    def open_store(self) -> Any:
+        """Open the store this config names (``store_url``) with its lock timeout and retries:
+        the one way the bot, the worker and the CLI open it."""
+        from storage import open_store
+
+        return open_store(self.store_url, busy_timeout_ms=self.storage.busy_timeout_ms,
+                          write_retries=self.storage.write_retries)
 
     @property
     def adapters_dir(self) -> Path:
@@ -318,6 +401,7 @@ class Config:
         """Config as a JSON-able dict without secrets, saved beside each adapter version."""
         out = dataclasses.asdict(self)
         out["discord"].pop("token", None)
+        out["storage"]["url"] = without_password(self.storage.url)
         out.pop("source", None)
         return out
 
@@ -383,7 +467,10 @@ def default_model_cache() -> Path:
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {bool: "true or false", int: "an integer", float: "a number",
@@ -395,6 +482,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         _check(value in typing.get_args(tp), key, value, _type_name(tp))
         return value
+    if origin is typing.Union:  # the first member type that takes the value
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                continue
+        _check(False, key, value, _type_name(tp))
     if origin is tuple:
         _check(isinstance(value, list), key, value, _type_name(tp))
         inner = typing.get_args(tp)[0]

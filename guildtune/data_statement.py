@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import PLACEHOLDER
+from storage.postgres import is_postgres_url
 
 START = "<!-- data-statement:start -->"
 END = "<!-- data-statement:end -->"
@@ -103,9 +104,7 @@ POINTS: tuple[Point, ...] = (
         "repeats what it memorised) and in members' suggested replies are cut, and their id "
         "and their mentions (`@name`, for the names Discord gives at the time of the forget) "
         "become `@member`. A name written as a plain word is not searched for (a member called "
-        "\"Will\" must not erase everyone's \"will\"). Deleted text is overwritten in the "
-        "database file (SQLite `secure_delete`) and the write-ahead log is truncated right "
-        "after. Every adapter version trained on their data is marked tainted and is never "
+        "\"Will\" must not erase everyone's \"will\"). {erase} Every adapter version trained on their data is marked tainted and is never "
         "served or rolled back to again: the server goes back at once to its last version "
         "without their data (or the base model), and a retrain without them is queued "
         "(`training.strict_forget = true`{strict_default}; with `false` the tainted version "
@@ -147,6 +146,17 @@ SHORT_NOT_OPTED_IN = ("If you do not opt in, nothing of yours is stored: in stor
                       "that repeat them.")
 
 
+# What happens to the bytes of deleted rows, per database (``[storage] url``).
+ERASE = {
+    "sqlite": ("Deleted text is overwritten in the database file (SQLite `secure_delete`) and "
+               "the write-ahead log is truncated right after."),
+    "postgresql": ("Deleted rows are gone from every query at once and the database server's "
+                   "`VACUUM` runs right after to free the space they took, which new data then "
+                   "overwrites; the server's write-ahead log and backups keep them as long as "
+                   "the operator keeps those."),
+}
+
+
 def _point(key: str) -> Point:
     return next(p for p in POINTS if p.key == key)
 
@@ -161,6 +171,7 @@ def _values(cfg: Any) -> dict[str, Any]:
         "when": "at once" if cfg.training.withdraw_at_once else "when the next training run ends",
         "strict_default": ", the default" if cfg.training.strict_forget else "",
         "placeholder": PLACEHOLDER,
+        "erase": ERASE["postgresql" if is_postgres_url(cfg.storage.url) else "sqlite"],
     }
 
 

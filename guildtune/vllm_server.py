@@ -134,8 +134,10 @@ def server_command(cfg: Config, *, python: str, cache_dir: Path | None = None,
                    VLLM_CPU_KVCACHE_SPACE="1",
                    # One core per model process; binding all of them was 3x slower here.
                    VLLM_CPU_OMP_THREADS_BIND="auto")
-    if m.name in ("tiny", "smollm2-135m") or Path(m.name).expanduser().is_dir():
-        env["HF_HUB_OFFLINE"] = "1"  # a local checkpoint: never ask the hub
+    if isinstance(checkpoint, Path):
+        # A local checkpoint (a hub model's cached snapshot too, when the hub cannot be
+        # reached): never ask the hub.
+        env["HF_HUB_OFFLINE"] = "1"
     # An operator's own settings win over ours.
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     return ServerCommand(argv, env)

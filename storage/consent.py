@@ -66,7 +66,12 @@ class ConsentMixin(StoreBase):
                 row[key] = int(bool(value))
             else:
                 row[key] = value
-        self.db["guild_settings"].upsert(row, pk="guild_id")
+        cols = list(row)
+        self.db.execute(
+            f"INSERT INTO guild_settings ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            f" ON CONFLICT (guild_id) DO UPDATE SET "
+            f"{', '.join(f'{c} = excluded.{c}' for c in cols if c != 'guild_id')}",
+            list(row.values()))
         return self.guild_settings(guild_id)
 
     def guild_ids(self) -> list[int]:
@@ -83,8 +88,8 @@ class ConsentMixin(StoreBase):
     def grant_consent(self, guild_id: int, user_id: int, scope: str = "train") -> bool:
         """Opt a member in. Returns False when they already were."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
-            "VALUES (?, ?, ?, ?)", [guild_id, user_id, scope, utc_now()])
+            "INSERT INTO consents (guild_id, user_id, scope, granted_utc) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING", [guild_id, user_id, scope, utc_now()])
         # Their own new choice: an earlier forget or opt-out in this guild no longer keeps their
         # imported history out of it (a forget everywhere still keeps it out of the others).
         self.db.execute("UPDATE withdrawn SET lifted_utc = ? WHERE guild_id = ? AND "

@@ -1,5 +1,6 @@
 """Connections and transactions: the base that every part of ``Store`` stands on, and the
-store's errors.
+store's errors. This is SQLite's (sqlite-utils); ``postgres.PostgresStore`` overrides the hooks
+marked "dialect" below for a PostgreSQL server, and every verb above them is the same SQL.
 
 Threading: each thread gets its own connection (sqlite3 connections cannot cross threads), all
 opened with WAL, ``foreign_keys=ON`` and a busy timeout. Writes run in ``BEGIN IMMEDIATE``
@@ -62,47 +63,69 @@ def _is_full(exc: BaseException) -> bool:
 
 
 def _writes(fn: Callable[P, T]) -> Callable[P, T]:
-    """Run a write verb in one BEGIN IMMEDIATE transaction, retrying while the db is locked."""
+    """Run a write verb in one write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: one
+    that holds the store's write lock), retrying while the database is busy."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         self: StoreBase = args[0]  # type: ignore[assignment]
-        db = self.db
-        if db.conn.in_transaction:  # nested verb: join the caller's transaction
+        if self._in_transaction(self.db):  # nested verb: join the caller's transaction
             return fn(*args, **kwargs)
         attempts = self.write_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                with self._transaction(db):
+                with self._transaction(self.db, serialize="shared" if getattr(
+                        fn, "row_locks", False) else True):
                     return fn(*args, **kwargs)
-            except sqlite3.OperationalError as exc:
-                if _is_full(exc):
+            except self._db_errors as exc:
+                kind = self._error_kind(exc)
+                if kind == "full":
                     raise StoreFullError(
-                        f"{self.path}: the disk is full; {fn.__name__} wrote nothing (free "
+                        f"{self.where}: the disk is full; {fn.__name__} wrote nothing (free "
                         "space, then retry)") from exc
-                if not _is_locked(exc):
+                if kind not in ("busy", "reconnect"):
                     raise
+                if attempt == attempts and kind == "reconnect":
+                    raise StoreError(f"{self.where}: lost the connection to the database server "
+                                     f"{attempts} times; {fn.__name__} wrote nothing") from exc
                 if attempt == attempts:
-                    raise StoreBusyError(
-                        f"{self.path} is locked by another process: {fn.__name__} waited "
-                        f"{self.busy_timeout_ms} ms x {attempts} tries and wrote nothing; "
-                        "stop the other writer (a long `sqlite3` session?) and retry"
-                    ) from exc
-                log.warning("database locked during %s (try %d/%d), retrying", fn.__name__,
+                    raise StoreBusyError(self._busy_message(fn.__name__, attempts)) from exc
+                log.warning("database %s during %s (try %d/%d), retrying",
+                            "busy" if kind == "busy" else "connection lost", fn.__name__,
                             attempt, attempts)
+                if kind == "reconnect":
+                    self._drop_connection()
                 time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
     return wrapper
 
 
+def row_locks(fn: Callable[P, T]) -> Callable[P, T]:
+    """Mark a write verb whose rows lock themselves (``SELECT ... FOR UPDATE SKIP LOCKED`` on
+    PostgreSQL, see ``_claim_filter``): it holds the store's write lock shared, so such verbs
+    run side by side while every other write still excludes them. SQLite has one writer."""
+    fn.row_locks = True  # type: ignore[attr-defined]
+    return fn
+
+
+# ``created_utc`` in the stored form (storage.times), as a GLOB pattern.
+STORED_FORM_GLOB = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:"
+                    "[0-9][0-9].[0-9][0-9][0-9]Z")
+
+
 class StoreBase:
     """Connections, transactions and the small read helpers every part of ``Store`` uses.
     Safe to share between threads (one connection per thread)."""
 
+    backend = "sqlite"
+    # dialect: the driver's errors a write may retry or explain (see ``_error_kind``)
+    _db_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
                  write_retries: int = 3) -> None:
         self.path = Path(path)
+        self.where = str(self.path)  # how messages name the database
         self.busy_timeout_ms = busy_timeout_ms
         self.write_retries = write_retries
         self._local = threading.local()
@@ -132,8 +155,35 @@ class StoreBase:
                 self._all.append(conn)
         return db
 
+    # -- dialect -------------------------------------------------------------------------------
+
+    def _error_kind(self, exc: BaseException) -> str | None:
+        """"full", "busy" (retry), "reconnect" (retry on a new connection) or None (raise)."""
+        if _is_full(exc):
+            return "full"
+        return "busy" if _is_locked(exc) else None  # type: ignore[arg-type]
+
+    def _busy_message(self, verb: str, attempts: int) -> str:
+        return (f"{self.path} is locked by another process: {verb} waited "
+                f"{self.busy_timeout_ms} ms x {attempts} tries and wrote nothing; "
+                "stop the other writer (a long `sqlite3` session?) and retry")
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection (a lost server connection); SQLite has none to lose."""
+
+    def _in_transaction(self, db: Database) -> bool:
+        return db.conn.in_transaction
+
+    def _claim_filter(self) -> str:
+        """What a claim's SELECT appends to lock the row it takes (none: one writer)."""
+        return ""
+
+    def _stored_form(self, column: str) -> str:
+        """SQL true when ``column`` holds a time in the stored form (storage.times)."""
+        return f"{column} GLOB '{STORED_FORM_GLOB}'"
+
     @contextmanager
-    def _transaction(self, db: Database) -> Iterator[None]:
+    def _transaction(self, db: Database, serialize: bool | str = True) -> Iterator[None]:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield

@@ -17,6 +17,11 @@ from .text import _name_pattern, cut_quotes, hidden_turn, quoted_grams
 from .times import format_utc as _utc
 from .times import parse_utc, utc_now
 
+# The order of each table's rows in an export: oldest first (portable: no rowid on PostgreSQL).
+EXPORT_ORDER = {"consents": "granted_utc, scope", "messages": "created_utc, message_id",
+                "interactions": "created_utc, id", "feedback": "created_utc, interaction_id",
+                "corrections": "created_utc, id"}
+
 
 def after_withdrawal(cutoffs: dict[int, str], user: int, when: str | None) -> bool:
     """Whether what ``user`` wrote or rated at ``when`` may train: strictly after their last
@@ -210,8 +215,8 @@ class PrivacyMixin(StoreBase):
         mentions = "instr(text, ?) > 0" + (" OR instr(text, '@') > 0" if has_names else "")
         for table, key, cut in (("messages", "message_id", False), ("corrections", "id", True)):
             # Suggested replies are training targets: with quotes to cut, all of them (few).
-            where = "1" if cut and grams else mentions
-            params = [] if where == "1" else [uid]
+            where = "TRUE" if cut and grams else mentions
+            params = [] if where == "TRUE" else [uid]
             for row in self._rows(f"SELECT {key} AS k, text FROM {table} WHERE guild_id = ? "
                                   f"AND ({where})", [guild_id, *params]):
                 text = who.sub("@member", cut_quotes(row["text"], grams) if cut else row["text"])
@@ -229,8 +234,8 @@ class PrivacyMixin(StoreBase):
         gp: list[Any] = [] if guild_id is None else [guild_id]
         out: dict[str, Any] = {"user_id": str(user_id), "exported_utc": utc_now(),
                                "guild_id": None if guild_id is None else str(guild_id)}
-        for table in ("consents", "messages", "interactions", "feedback", "corrections"):
-            rows = self._rows(f"SELECT * FROM {table} WHERE user_id = ?{where_g} ORDER BY rowid",
+        for table, order in EXPORT_ORDER.items():
+            rows = self._rows(f"SELECT * FROM {table} WHERE user_id = ?{where_g} ORDER BY {order}",
                               [user_id, *gp])
             for r in rows:
                 if "context_json" in r:
@@ -281,34 +286,35 @@ class PrivacyMixin(StoreBase):
         if days <= 0:
             return {}
         cutoff = parse_utc(_utc((now or datetime.now(UTC)) - timedelta(days=days)))
-        stored_form = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:" \
-                      "[0-9][0-9].[0-9][0-9][0-9]Z"
+        stored = self._stored_form("created_utc")
         out: dict[str, int] = {}
         for table in ("interactions", "messages"):
-            n = self.db.execute(f"DELETE FROM {table} WHERE created_utc GLOB ? AND "
-                                "created_utc < ?", [stored_form, _utc(cutoff)]).rowcount
+            n = self.db.execute(f"DELETE FROM {table} WHERE {stored} AND created_utc < ?",
+                                [_utc(cutoff)]).rowcount
             expired, unknown = [], 0
-            for rowid, value in self.db.execute(
-                    f"SELECT rowid, created_utc FROM {table} WHERE created_utc NOT GLOB ?",
-                    [stored_form]).fetchall():
+            for (value,) in self.db.execute(
+                    f"SELECT DISTINCT created_utc FROM {table} WHERE NOT {stored}").fetchall():
                 try:
                     if parse_utc(value) < cutoff:
-                        expired.append((rowid,))
+                        expired.append(value)
                 except (TypeError, ValueError):
                     unknown += 1
-            if expired:
-                self.db.conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", expired)
+            for value in expired:  # every row with this exact stamp is expired alike
+                n += self.db.execute(f"DELETE FROM {table} WHERE created_utc = ?",
+                                     [value]).rowcount
             if unknown:
                 log.warning("retention: kept %d %s whose created_utc is not a timestamp", unknown,
                             table)
-            out[table] = n + len(expired)
+            out[table] = n
         return out
 
     # -- withdrawn keys and cutoffs ------------------------------------------------------------
 
     def _mark_withdrawn(self, guild_id: int, user_id: int, reason: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO withdrawn (guild_id, user_key, reason, "
-                        "withdrawn_utc, lifted_utc) VALUES (?, ?, ?, ?, NULL)",
+        self.db.execute("INSERT INTO withdrawn (guild_id, user_key, reason, withdrawn_utc, "
+                        "lifted_utc) VALUES (?, ?, ?, ?, NULL) ON CONFLICT (guild_id, user_key) "
+                        "DO UPDATE SET reason = excluded.reason, "
+                        "withdrawn_utc = excluded.withdrawn_utc, lifted_utc = NULL",
                         [guild_id, withdrawn_key(guild_id, user_id), reason, utc_now()])
 
     def _withdrawals(self, guild_id: int, users: Iterable[int],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .db import StoreBase, StoreError, _writes
+from .db import StoreBase, StoreError, _writes, row_locks
 from .times import format_utc as _utc
 from .times import utc_now
 
@@ -64,28 +64,30 @@ class QueueMixin(StoreBase):
             if force:
                 self.db.execute("UPDATE training_runs SET force = 1 WHERE id = ?", [existing])
             return existing, False
-        cur = self.db.execute(
+        run_id = self.db.execute(
             "INSERT INTO training_runs (guild_id, trigger, requested_by, force, attempt, status, "
-            "created_utc) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-            [guild_id, trigger, requested_by, int(force), attempt, utc_now()])
-        return int(cur.lastrowid or 0), True
+            "created_utc) VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
+            [guild_id, trigger, requested_by, int(force), attempt, utc_now()]).fetchone()[0]
+        return int(run_id), True
 
     @_writes
+    @row_locks
     def claim_run(self, worker: str, lease_seconds: int = 120,
                   guild_id: int | None = None) -> Run | None:
         """Atomically take the oldest queued run (optionally of one guild) with a lease."""
         where_g = "" if guild_id is None else " AND guild_id = ?"
         row = self._one("SELECT id FROM training_runs WHERE status = 'queued'" + where_g +
-                        " ORDER BY id LIMIT 1", [] if guild_id is None else [guild_id])
+                        " ORDER BY id LIMIT 1" + self._claim_filter(),
+                        [] if guild_id is None else [guild_id])
         if row is None:
             return None
         now = datetime.now(UTC)
-        self.db.execute(
+        took = self.db.execute(
             "UPDATE training_runs SET status = 'running', worker = ?, started_utc = ?, "
             "heartbeat_utc = ?, lease_expires_utc = ? WHERE id = ? AND status = 'queued'",
             [worker, _utc(now), _utc(now), _utc(now + timedelta(seconds=lease_seconds)),
-             row["id"]])
-        return self.get_run(row["id"])
+             row["id"]]).rowcount
+        return self.get_run(row["id"]) if took == 1 else None  # never another worker's run
 
     @_writes
     def heartbeat(self, run_id: int, worker: str, lease_seconds: int = 120,

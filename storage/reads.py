@@ -29,7 +29,7 @@ class ReadsMixin(StoreBase):
         ratings = self._rows(
             "SELECT f.interaction_id, f.user_id, f.rating, f.created_utc FROM feedback f JOIN "
             "consents c ON c.guild_id = f.guild_id AND c.user_id = f.user_id "
-            "WHERE f.guild_id = ? ORDER BY f.rowid", [guild_id])
+            "WHERE f.guild_id = ? ORDER BY f.created_utc, f.user_id", [guild_id])
         fixes = self._rows(
             "SELECT k.interaction_id, k.user_id, k.text, k.created_utc FROM corrections k "
             "JOIN consents c ON c.guild_id = k.guild_id AND c.user_id = k.user_id "
@@ -129,10 +129,11 @@ class ReadsMixin(StoreBase):
     def like_rate_by_version(self, guild_id: int) -> list[dict[str, Any]]:
         """Per adapter version (None = base): rated replies, likes, dislikes, like rate."""
         rows = self._rows(
-            "SELECT i.adapter_version AS version, sum(f.rating = 1) AS likes, "
-            "sum(f.rating = -1) AS dislikes FROM feedback f JOIN interactions i ON "
-            "i.id = f.interaction_id WHERE f.guild_id = ? GROUP BY i.adapter_version "
-            "ORDER BY i.adapter_version", [guild_id])
+            "SELECT i.adapter_version AS version, "
+            "sum(CASE WHEN f.rating = 1 THEN 1 ELSE 0 END) AS likes, "
+            "sum(CASE WHEN f.rating = -1 THEN 1 ELSE 0 END) AS dislikes FROM feedback f "
+            "JOIN interactions i ON i.id = f.interaction_id WHERE f.guild_id = ? "
+            "GROUP BY i.adapter_version ORDER BY i.adapter_version NULLS FIRST", [guild_id])
         for r in rows:
             total = (r["likes"] or 0) + (r["dislikes"] or 0)
             r["like_rate"] = (r["likes"] or 0) / total if total else None

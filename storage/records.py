@@ -100,8 +100,12 @@ class RecordsMixin(StoreBase):
         if not consent_covers(self._granted(guild_id, [user_id]).get(int(user_id)), written):
             return False  # not opted in, or written before they opted in: not theirs to give
         self.db.execute(
-            "INSERT OR REPLACE INTO messages (guild_id, message_id, channel_id, user_id, text, "
-            "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (guild_id, message_id, channel_id, user_id, text, "
+            "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (guild_id, message_id) DO UPDATE SET channel_id = excluded.channel_id, "
+            "user_id = excluded.user_id, text = excluded.text, "
+            "reply_to_message_id = excluded.reply_to_message_id, source = excluded.source, "
+            "created_utc = excluded.created_utc",
             [guild_id, message_id, channel_id, user_id, _clip(text), reply_to_message_id, source,
              written])
         return True
@@ -161,15 +165,16 @@ class RecordsMixin(StoreBase):
             if row[3] in gone:
                 continue  # forgotten or opted out: old history does not bring them back
             cur.execute(
-                "INSERT OR IGNORE INTO messages (guild_id, message_id, channel_id, user_id, "
-                "text, reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (guild_id, message_id, channel_id, user_id, text, "
+                "reply_to_message_id, source, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 row)
             if cur.rowcount:
                 n += 1
                 authors.add(row[3])
         cur.executemany(
-            "INSERT OR IGNORE INTO consents (guild_id, user_id, scope, granted_utc) "
-            "VALUES (?, ?, 'import', ?)", [(guild_id, a, now) for a in sorted(authors)])
+            "INSERT INTO consents (guild_id, user_id, scope, granted_utc) "
+            "VALUES (?, ?, 'import', ?) ON CONFLICT DO NOTHING", [(guild_id, a, now) for a in sorted(authors)])
         if source is not None:
             cur.execute(
                 "INSERT INTO imports (guild_id, source_sha256, file_name, messages, stored, "
@@ -201,8 +206,10 @@ class RecordsMixin(StoreBase):
         if iid is None:
             return False
         self.db.execute(
-            "INSERT OR REPLACE INTO feedback (interaction_id, guild_id, user_id, rating, "
-            "created_utc) VALUES (?, ?, ?, ?, ?)", [iid, guild_id, user_id, rating, utc_now()])
+            "INSERT INTO feedback (interaction_id, guild_id, user_id, rating, created_utc) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (interaction_id, user_id) DO UPDATE SET "
+            "guild_id = excluded.guild_id, rating = excluded.rating, "
+            "created_utc = excluded.created_utc", [iid, guild_id, user_id, rating, utc_now()])
         return True
 
     @_writes
@@ -227,9 +234,9 @@ class RecordsMixin(StoreBase):
         if self.get_interaction(guild_id, interaction_id) is None:
             return None
         cid = new_ulid()
-        self.db["corrections"].insert({"id": cid, "interaction_id": interaction_id,
-                                       "guild_id": guild_id, "user_id": user_id, "text": text,
-                                       "created_utc": utc_now()})
+        self.db.execute("INSERT INTO corrections (id, interaction_id, guild_id, user_id, text, "
+                        "created_utc) VALUES (?, ?, ?, ?, ?, ?)",
+                        [cid, interaction_id, guild_id, user_id, text, utc_now()])
         return cid
 
     # -- Discord deletes and edits -------------------------------------------------------------

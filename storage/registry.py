@@ -73,14 +73,13 @@ class RegistryMixin(StoreBase):
             # may be training the guild now. A late publisher must not register anything.
             raise StoreError(f"run {run_id} of guild {guild_id} is no longer running (its lease "
                              "was lost); its version is not kept")
-        self.db["adapter_versions"].insert({
-            "guild_id": guild_id, "version": version, "path": str(path), "status": status,
-            "base_model": base_model, "lora_json": json.dumps(lora, sort_keys=True),
-            "metrics_json": json.dumps(metrics or {}), "config_json": json.dumps(config or {}),
-            "data_fingerprint": data_fingerprint,
-            "n_examples": sum((contributors or {}).values()), "run_id": run_id,
-            "created_utc": utc_now(),
-        })
+        self.db.execute(
+            "INSERT INTO adapter_versions (guild_id, version, path, status, base_model, "
+            "lora_json, metrics_json, config_json, data_fingerprint, n_examples, run_id, "
+            "created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [guild_id, version, str(path), status, base_model, json.dumps(lora, sort_keys=True),
+             json.dumps(metrics or {}), json.dumps(config or {}), data_fingerprint,
+             sum((contributors or {}).values()), run_id, utc_now()])
         self.db.conn.executemany(
             "INSERT INTO adapter_contributors (guild_id, version, user_id, n_examples) "
             "VALUES (?, ?, ?, ?)",

@@ -47,6 +47,7 @@ from .db import (  # noqa: F401
 )
 from .ids import new_ulid
 from .migrations import migrations
+from .postgres import is_postgres_url, open_postgres
 from .privacy import ForgetReport, PrivacyMixin, withdrawn_key
 from .queue import RUN_STATUSES, QueueMixin, Run
 from .reads import ReadsMixin
@@ -88,7 +89,12 @@ class Store(ConsentMixin, RecordsMixin, PrivacyMixin, QueueMixin, RegistryMixin,
 
 def open_store(path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
                write_retries: int = 3) -> Store:
-    """Open (creating if needed) the database at ``path`` and apply pending migrations."""
+    """Open (creating if needed) the database at ``path`` (a SQLite file) or ``postgresql://``
+    URL (an existing database on a PostgreSQL server, see ``postgres``) and apply pending
+    migrations."""
+    if is_postgres_url(path):
+        return open_postgres(Store, str(path), busy_timeout_ms=busy_timeout_ms,
+                             write_retries=write_retries)
     p = Path(path)
     # Only the operator's account may read members' data: the directory 0700 when we create
     # it, the database 0600 (SQLite gives its -wal and -shm files the database's mode).

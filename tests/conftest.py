@@ -10,7 +10,7 @@ import atexit
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from storage import Store, open_store
+from tests.pg import SessionPostgres, drop_fresh_database, fresh_database, session_postgres
 from tests.fakes import TINY, FakeEngine, cog_on_dpytest, make_services, write_config
 
 # Tests never write the user's model cache: the default one (Config.model_cache without
@@ -28,12 +29,83 @@ os.environ["GUILDTUNE_MODEL_CACHE"] = _MODEL_CACHE
 atexit.register(shutil.rmtree, _MODEL_CACHE, True)
 
 
+# -- storage backends --------------------------------------------------------------------------
+# A test module marked ``pytest.mark.backends`` runs each test that uses ``backend`` (through
+# ``store``, ``store_url`` or ``make_store``) twice: on a SQLite file and on a fresh database of
+# a real PostgreSQL server (tests/pg.py: the one .ci/run started, or a private one). Without a
+# PostgreSQL server binary the PostgreSQL half is skipped, saying why.
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends"):
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    """A real SQLite file with the migrations applied."""
-    s = open_store(tmp_path / "guildtune.db", busy_timeout_ms=200, write_retries=1)
+def backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" (the default), or "postgresql" in a module marked ``backends``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_session() -> Iterator[SessionPostgres]:
+    with session_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_url(pg_session: SessionPostgres) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server (dropped afterwards)."""
+    if pg_session.admin_url is None:
+        pytest.skip(pg_session.skip_reason)
+    url = fresh_database(pg_session)
+    yield url
+    drop_fresh_database(pg_session, url)
+
+
+@pytest.fixture
+def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path | str:
+    """Where a test's store lives: a SQLite file path, or a fresh PostgreSQL database's URL."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return tmp_path / "guildtune.db"
+
+
+@pytest.fixture
+def store(store_url: Path | str) -> Iterator[Store]:
+    """A real database (SQLite file, or PostgreSQL: see ``backend``), migrations applied."""
+    s = open_store(store_url, busy_timeout_ms=200, write_retries=1)
     yield s
     s.close()
+
+
+@pytest.fixture
+def make_store(backend: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[[], Store]]:
+    """A factory of empty stores for tests that need many (property tests): a new SQLite file
+    each call, or, on PostgreSQL, one database emptied (TRUNCATE) for each call."""
+    opened: list[Store] = []
+    counter = iter(range(10**9))
+
+    def make() -> Store:
+        if backend == "postgresql":
+            url = request.getfixturevalue("pg_url")
+            for s in opened:
+                s.close()
+            opened.clear()
+            s = open_store(url)
+            tables = [r[0] for r in s.db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND "
+                "tablename NOT LIKE '\\_%'")]
+            s.db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        else:
+            s = open_store(tmp_path / f"store-{next(counter)}.db")
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
 
 
 @pytest.fixture

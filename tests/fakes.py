@@ -121,6 +121,7 @@ class FakeEngine(Engine):
         self.started = self.closed = False
         self.pause: Callable[[str], Awaitable[None]] | None = None
         self.streamed: list[str] = []  # every text passed to on_text
+        self.cut = False  # replies end as cut at max_new_tokens (GenerationResult.cut)
 
     async def start(self) -> None:
         self.started = True
@@ -143,7 +144,7 @@ class FakeEngine(Engine):
                 on_text(partial)
                 if self.pause is not None:
                     await self.pause(partial)
-        return GenerationResult(text, v, 10, len(text.split()), 5.0)
+        return GenerationResult(text, v, 10, len(text.split()), 5.0, cut=self.cut)
 
     async def activate(self, guild_id: int, version: int, path: Any) -> None:
         if version in self.broken:

@@ -125,3 +125,21 @@ async def test_persona_is_the_system_prompt(env) -> None:
     await dpytest.message(f"<@{env.bot.user.id}> ahoy", member=env.alice)
     sent()
     assert env.s.engine.requests[-1].messages[0]["content"] == "You are a pirate."
+
+
+async def test_a_reply_cut_at_max_new_tokens_is_marked_and_logged_unmarked(env) -> None:
+    from bot.replies import CUT_MARK, mark_cut
+
+    g = env.guild.id
+    env.s.store.grant_consent(g, env.alice.id)
+    env.s.engine.cut = True  # the engine stopped at model.max_new_tokens
+    await dpytest.message(f"<@{env.bot.user.id}> tell me everything", member=env.alice)
+    reply = sent()[0]
+    assert reply.content == mark_cut("hi from the bot") == "hi from the bot" + CUT_MARK
+    # the model's own words are what training reads: the mark is not the model's
+    assert env.s.store.interaction_for_message(g, reply.id)["reply"] == "hi from the bot"
+
+
+async def test_a_reply_that_ended_is_not_marked(env) -> None:
+    await dpytest.message(f"<@{env.bot.user.id}> hello", member=env.alice)
+    assert [m.content for m in sent()] == ["hi from the bot"]

@@ -37,6 +37,20 @@ def test_split_hard_cuts_a_giant_word() -> None:
     assert [len(p) for p in parts] == [1996, 1996, 508]
 
 
+def test_a_cut_reply_ends_in_the_mark() -> None:
+    from bot.replies import CUT_MARK, mark_cut
+
+    assert mark_cut("the quick bro  ") == "the quick bro" + CUT_MARK
+
+
+def test_a_reply_cut_inside_code_gets_the_mark_after_the_fence() -> None:
+    from bot.replies import CUT_MARK, mark_cut
+
+    marked = mark_cut("try:\n```py\nx = 1\nfor i in")
+    assert marked == f"try:\n```py\nx = 1\nfor i in\n```\n{CUT_MARK}"
+    assert all(part.count("```") % 2 == 0 for part in split_reply(marked))
+
+
 BASE = dict(is_bot=False, is_system=False, mentions_everyone=False, is_dm=False,
             mentioned_me=False, reply_to_me=False, channel_configured=False)
 

@@ -292,6 +292,60 @@ async def test_a_reply_cut_at_max_new_tokens_says_so(tmp_path: Path) -> None:
     assert meta and meta[0].startswith("  [… cut at model.max_new_tokens = 3 · base model")
 
 
+async def test_the_console_marks_a_cut_reply_by_the_cogs_rule(tmp_path: Path) -> None:
+    from bot.replies import mark_cut
+
+    engine = FakeEngine("hello human")
+    engine.cut = True
+    s = make_services(tmp_path, engine=engine)
+    out = io.StringIO()
+    stdin = ScriptedStdin()
+    stdin.feed("hello")
+    stdin.close()
+    await Console(s, "g", out=out).run(stdin)
+    lines = out.getvalue().splitlines()
+    reply = next(x for x in lines if x.startswith("guildtune: "))
+    assert reply == "guildtune: " + mark_cut("hello human")  # what a Discord member sees
+    assert lines[lines.index(reply) + 1].startswith(
+        f"  [… cut at model.max_new_tokens = {s.config.model.max_new_tokens} · base model")
+    s.store.close()
+
+
+async def test_a_new_versions_run_outcome_comes_before_its_swap(tmp_path: Path) -> None:
+    """The trainer activates the version a moment before its worker records the run's end;
+    the watcher may swap it in between: the console still tells the outcome first."""
+    s = make_services(tmp_path, training={"enabled": True})
+    out = io.StringIO()
+    console = Console(s, "g", out=out)
+    g = console.guild_id
+    s.store.enqueue_run(g, "manual")
+    run = s.store.claim_run("worker-1")
+    s.store.register_version(g, 1, str(tmp_path / "v1"), base_model="tiny", lora={},
+                             run_id=run.id, activate=True)
+    await console.watcher.sync_once()  # swapped in while the run is still running
+    await console.follow_training()
+    assert "Now serving model v1" not in out.getvalue()
+    s.store.finish_run(run.id, "succeeded", metrics={"candidate_loss": 1.5}, version=1)
+    await console.follow_training()
+    text = out.getvalue()
+    assert f"[training] run #{run.id} succeeded" in text
+    assert text.index(f"[training] run #{run.id} succeeded") < \
+        text.index("[admin log] Now serving model v1.")
+    s.store.close()
+
+
+async def test_a_swap_no_running_run_published_is_told_at_once(tmp_path: Path) -> None:
+    s = make_services(tmp_path)
+    out = io.StringIO()
+    console = Console(s, "g", out=out)
+    g = console.guild_id
+    s.store.register_version(g, 1, str(tmp_path / "v1"), base_model="tiny", lora={},
+                             activate=True)
+    await console.watcher.sync_once()  # no run of this console's guild is running
+    assert "[admin log] Now serving model v1." in out.getvalue()
+    s.store.close()
+
+
 async def test_a_reply_that_ended_is_not_marked_cut(tmp_path: Path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()

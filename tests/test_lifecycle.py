@@ -44,6 +44,22 @@ os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 threading.Event().wait()
 """
 
+# A process that starts the worker exactly as `guildtune console` does (its log to a file), and
+# on Ctrl-C (KeyboardInterrupt) stops it as the console does, then exits.
+CONSOLE = """
+import asyncio, os, sys, threading
+from guildtune.config import load_config
+from bot.runner import spawn_worker, stop_worker
+proc = spawn_worker(load_config(sys.argv[1]), log_file=sys.argv[3])
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(str(proc.pid))
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+try:
+    threading.Event().wait()
+except KeyboardInterrupt:
+    asyncio.run(stop_worker(proc))
+"""
+
 # `guildtune run`'s serve() with Discord left out: start() loads the extension as login() does
 # (over a fake engine and the real store), then idles until the bot is closed.
 SERVE = """
@@ -241,6 +257,37 @@ def test_sigterm_of_the_worker_gives_its_run_back(tmp_path: Path, procs, reap_pi
     wait_until(lambda: gone(child), "the training child exited with its worker", log)
     assert_given_back(store, run_id)
     assert "SIGTERM: stopping the worker" in log.read_text(errors="replace")
+    store.close()
+
+
+def test_ctrl_c_at_the_consoles_terminal_reaches_only_the_console(tmp_path: Path, procs,
+                                                                  reap_pids) -> None:
+    """A terminal's Ctrl-C is SIGINT to its whole foreground process group: the console, its
+    worker and the worker's training child. Only the console may take it; it stops the worker
+    (SIGTERM), which gives the run back: no KeyboardInterrupt traceback in the worker's log."""
+    cfg_file = write_config(tmp_path, TINY_TRAINER, LONG_RUN)
+    _, store, run_id = queued_run(cfg_file)
+    log, worker_log = tmp_path / "console.out", tmp_path / "console.log"
+    with open(log, "ab") as out:  # a process group of its own, as a terminal's job is
+        console = subprocess.Popen(
+            [sys.executable, "-c", CONSOLE, str(cfg_file), str(tmp_path / "worker.pid"),
+             str(worker_log)], cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, process_group=0)
+    procs.append(console)
+    worker = read_pid(tmp_path / "worker.pid")
+    reap_pids.append(worker)
+    child = training_pid(store, run_id, worker_log)
+    reap_pids.append(child)
+
+    os.killpg(console.pid, signal.SIGINT)  # Ctrl-C
+    assert console.wait(DEADLINE_S) == 0, log.read_text(errors="replace")[-3000:]
+    wait_until(lambda: gone(worker), "the worker exited with the console", worker_log)
+    wait_until(lambda: gone(child), "the training child exited with its worker", worker_log)
+    text = worker_log.read_text(errors="replace")
+    assert "SIGTERM: stopping the worker" in text, text[-3000:]
+    assert "SIGINT" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert_given_back(store, run_id)
     store.close()
 
 

@@ -5,14 +5,20 @@ active version was trained on a member who is not opted in, and every forget rep
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage import ConsentChangedError, open_store, utc_now
+from storage import ConsentChangedError, Store, utc_now
+from tests.backends import columns, count, intact, rows, table_names
+
+# Each property holds on SQLite and on PostgreSQL (tests/conftest.py: ``backend``).
+pytestmark = pytest.mark.backends
+# One store factory serves every example (each call gives an empty store): not a leak.
+ONE_FACTORY = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 GUILDS = (111_000_000_000_000_001, 111_000_000_000_000_002)
 USERS = tuple(900_000_000_000_000_001 + k for k in range(4))
@@ -58,153 +64,154 @@ def _check_served(store, consented: set[tuple[int, int]]) -> None:
 def _dump(store) -> str:
     """Every value of every row of every table, as one string."""
     parts = []
-    for table in store.db.table_names():
-        for row in store.db.execute(f"SELECT * FROM [{table}]").fetchall():
+    for table in table_names(store):
+        for row in rows(store, table):
             parts.extend(str(v) for v in row)
     return "\x1e".join(parts)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=ONE_FACTORY)
 @given(events)
-def test_consent_and_forgetting_hold_over_random_streams(stream: list[tuple]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        store = open_store(Path(tmp) / "p.db")
-        consented: set[tuple[int, int]] = set()
-        forbidden: set[str] = set()  # texts written while their author had no consent
-        written: dict[int, set[str]] = {u: set() for u in USERS}
-        forgotten: set[tuple[int | None, int]] = set()
-        messages: list[tuple[int, int]] = []  # (guild, message id) seen so far
-        recent: dict[int, list[tuple[int, int, str, str]]] = {g: [] for g in GUILDS}
-        replies: dict[int, list[int]] = {g: [] for g in GUILDS}
-        counter = 0
-        runs: dict[int, tuple[int, str, dict[int, int]]] = {}  # guild -> run in flight
-        left: set[tuple[int, int]] = set()  # (guild, member) who left since the runs started
-        for g in GUILDS:
-            store.update_guild_settings(g, learn_from_humans=True)
-        for ev in stream:
-            kind = ev[0]
-            counter += 1
-            if kind == "grant":
-                time.sleep(0.002)  # so "before consent" and "after" differ in the timestamps
-                store.grant_consent(ev[1], ev[2])
-                time.sleep(0.002)
-                consented.add((ev[1], ev[2]))
-                forgotten = {f for f in forgotten if f[1] != ev[2]}
-            elif kind == "revoke":
-                store.revoke_consent(ev[1], ev[2])
-                consented.discard((ev[1], ev[2]))
-                left.add((ev[1], ev[2]))
-            elif kind in ("ask", "chat", "correct"):
-                # recent: (author, message id, text, time written)
-                g, u = ev[1], ev[2]
-                text = f"tok{counter:05d}x"
-                (written[u].add(text) if (g, u) in consented else forbidden.add(text))
-                at = utc_now()
-                mid = 700_000_000_000_000_000 + counter
-                if kind == "chat":
-                    store.log_message(g, mid, u, text)
-                elif kind == "ask":
-                    context = [{"role": "user", "author_id": a, "message_id": m, "text": t,
-                                "created_utc": w} for a, m, t, w in recent[g][-3:]]
-                    context.append({"role": "user", "author_id": u, "message_id": mid,
-                                    "text": text, "created_utc": at})
-                    reply_id = 800_000_000_000_000_000 + counter
-                    store.log_interaction(g, 5, u, context=context, reply=f"bot{counter}",
-                                          request_message_id=mid, reply_message_id=reply_id)
-                    replies[g].append(reply_id)
-                else:
-                    rows = store.rated_interactions(g)
-                    if rows:
-                        store.add_correction(g, rows[ev[3] % len(rows)]["id"], u, text)
-                recent[g].append((u, mid, text, at))
-                messages.append((g, mid))
-            elif kind in ("react", "unreact"):
-                g, u = ev[1], ev[2]
-                if replies[g]:
-                    rid = replies[g][ev[3] % len(replies[g])]
-                    if kind == "react":
-                        store.record_feedback(g, rid, u, ev[4])
-                    else:
-                        store.remove_feedback(g, rid, u)
-            elif kind in ("edit", "delete"):
-                if messages:
-                    g, mid = messages[ev[2] % len(messages)]
-                    if kind == "edit":
-                        text = f"tok{counter:05d}e"
-                        forbidden.add(text)  # edits of non-consented messages must not land
-                        # only a consented author's stored copy may take the edit
-                        store.edit_message(g, mid, text)
-                        owner = next((a for a, m, _, _ in recent[g] if m == mid), None)
-                        if owner is not None and (g, owner) in consented:
-                            forbidden.discard(text)
-                            written[owner].add(text)
-                    else:
-                        store.delete_message(g, mid)
-            elif kind == "run_start" and ev[1] not in runs:
-                g = ev[1]
-                store.enqueue_run(g, "schedule")
-                run = store.claim_run("w", 600, guild_id=g)
-                if run is not None:
-                    at = utc_now()
-                    runs[g] = (run.id, at, _dataset_members(store, g))
-                    left = {x for x in left if x[0] != g}
-            elif kind == "run_publish" and ev[1] in runs:
-                g = ev[1]
-                run_id, at, who = runs.pop(g)
-                try:
-                    store.register_version(g, store.next_version(g), f"/a/{counter}",
-                                           base_model="tiny", lora={}, contributors=who,
-                                           run_id=run_id, activate=True, dataset_utc=at)
-                    status = "succeeded"
-                    assert not any((g, u) in left for u in who), "kept a run a member left"
-                except ConsentChangedError:
-                    status = "rejected"
-                    # A member who left during the run (even if back since) makes it unclean.
-                    assert any((g, u) not in consented or (g, u) in left for u in who), \
-                        "refused a clean run"
-                store.finish_run(run_id, status)
-            elif kind == "forget":
-                g, u = ev[1], ev[2]
-                scope = GUILDS if g is None else (g,)
-                trained = {(gg, v.version) for gg in scope for v in store.versions(gg)
-                           if u in store.contributors(gg, v.version)}
-                in_flight = {gg: runs[gg][0] for gg in scope if gg in runs and
-                             store.db.execute(
-                                 "SELECT 1 FROM consents WHERE guild_id = ? AND user_id = ? "
-                                 "UNION SELECT 1 FROM interactions WHERE guild_id = ? AND "
-                                 "user_id = ? UNION SELECT 1 FROM messages WHERE guild_id = ? "
-                                 "AND user_id = ? UNION SELECT 1 FROM feedback WHERE "
-                                 "guild_id = ? AND user_id = ?", [gg, u] * 4).fetchone()}
-                report = store.forget_user(u, g)
-                left |= {(gg, u) for gg in scope}
-                # The report is true: every version trained on them, every run in flight.
-                assert set(report.tainted) == trained
-                assert report.in_flight == in_flight
-                for gg, _ in trained:
-                    active = store.active_version(gg)
-                    assert active is None or active.tainted_utc is None
-                forgotten.add((g, u))
-                if g is None:
-                    consented = {c for c in consented if c[1] != u}
-                    written[u] = set()
-                else:
-                    consented.discard((g, u))
-            _check_served(store, consented)
-        dump = _dump(store)
-        for text in forbidden:
-            assert text not in dump, f"stored text of a member without consent: {text}"
-        for g, u in forgotten:
-            if g is None:
-                assert str(u) not in dump, f"forgotten member {u} still stored"
+def test_consent_and_forgetting_hold_over_random_streams(make_store: Callable[[], Store],
+                                                         stream: list[tuple]) -> None:
+    check_stream(make_store(), stream)
+
+
+def check_stream(store: Store, stream: list[tuple]) -> None:
+    consented: set[tuple[int, int]] = set()
+    forbidden: set[str] = set()  # texts written while their author had no consent
+    written: dict[int, set[str]] = {u: set() for u in USERS}
+    forgotten: set[tuple[int | None, int]] = set()
+    messages: list[tuple[int, int]] = []  # (guild, message id) seen so far
+    recent: dict[int, list[tuple[int, int, str, str]]] = {g: [] for g in GUILDS}
+    replies: dict[int, list[int]] = {g: [] for g in GUILDS}
+    counter = 0
+    runs: dict[int, tuple[int, str, dict[int, int]]] = {}  # guild -> run in flight
+    left: set[tuple[int, int]] = set()  # (guild, member) who left since the runs started
+    for g in GUILDS:
+        store.update_guild_settings(g, learn_from_humans=True)
+    for ev in stream:
+        kind = ev[0]
+        counter += 1
+        if kind == "grant":
+            time.sleep(0.002)  # so "before consent" and "after" differ in the timestamps
+            store.grant_consent(ev[1], ev[2])
+            time.sleep(0.002)
+            consented.add((ev[1], ev[2]))
+            forgotten = {f for f in forgotten if f[1] != ev[2]}
+        elif kind == "revoke":
+            store.revoke_consent(ev[1], ev[2])
+            consented.discard((ev[1], ev[2]))
+            left.add((ev[1], ev[2]))
+        elif kind in ("ask", "chat", "correct"):
+            # recent: (author, message id, text, time written)
+            g, u = ev[1], ev[2]
+            text = f"tok{counter:05d}x"
+            (written[u].add(text) if (g, u) in consented else forbidden.add(text))
+            at = utc_now()
+            mid = 700_000_000_000_000_000 + counter
+            if kind == "chat":
+                store.log_message(g, mid, u, text)
+            elif kind == "ask":
+                context = [{"role": "user", "author_id": a, "message_id": m, "text": t,
+                            "created_utc": w} for a, m, t, w in recent[g][-3:]]
+                context.append({"role": "user", "author_id": u, "message_id": mid,
+                                "text": text, "created_utc": at})
+                reply_id = 800_000_000_000_000_000 + counter
+                store.log_interaction(g, 5, u, context=context, reply=f"bot{counter}",
+                                      request_message_id=mid, reply_message_id=reply_id)
+                replies[g].append(reply_id)
             else:
-                for table in store.db.table_names():
-                    cols = store.db[table].columns_dict
-                    if "guild_id" in cols and "user_id" in cols:
-                        n = store.db.execute(f"SELECT count(*) FROM [{table}] WHERE guild_id = ? "
-                                             "AND user_id = ?", [g, u]).fetchone()[0]
-                        assert n == 0, (table, g, u)
-        assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        store.close()
+                rows = store.rated_interactions(g)
+                if rows:
+                    store.add_correction(g, rows[ev[3] % len(rows)]["id"], u, text)
+            recent[g].append((u, mid, text, at))
+            messages.append((g, mid))
+        elif kind in ("react", "unreact"):
+            g, u = ev[1], ev[2]
+            if replies[g]:
+                rid = replies[g][ev[3] % len(replies[g])]
+                if kind == "react":
+                    store.record_feedback(g, rid, u, ev[4])
+                else:
+                    store.remove_feedback(g, rid, u)
+        elif kind in ("edit", "delete"):
+            if messages:
+                g, mid = messages[ev[2] % len(messages)]
+                if kind == "edit":
+                    text = f"tok{counter:05d}e"
+                    forbidden.add(text)  # edits of non-consented messages must not land
+                    # only a consented author's stored copy may take the edit
+                    store.edit_message(g, mid, text)
+                    owner = next((a for a, m, _, _ in recent[g] if m == mid), None)
+                    if owner is not None and (g, owner) in consented:
+                        forbidden.discard(text)
+                        written[owner].add(text)
+                else:
+                    store.delete_message(g, mid)
+        elif kind == "run_start" and ev[1] not in runs:
+            g = ev[1]
+            store.enqueue_run(g, "schedule")
+            run = store.claim_run("w", 600, guild_id=g)
+            if run is not None:
+                at = utc_now()
+                runs[g] = (run.id, at, _dataset_members(store, g))
+                left = {x for x in left if x[0] != g}
+        elif kind == "run_publish" and ev[1] in runs:
+            g = ev[1]
+            run_id, at, who = runs.pop(g)
+            try:
+                store.register_version(g, store.next_version(g), f"/a/{counter}",
+                                       base_model="tiny", lora={}, contributors=who,
+                                       run_id=run_id, activate=True, dataset_utc=at)
+                status = "succeeded"
+                assert not any((g, u) in left for u in who), "kept a run a member left"
+            except ConsentChangedError:
+                status = "rejected"
+                # A member who left during the run (even if back since) makes it unclean.
+                assert any((g, u) not in consented or (g, u) in left for u in who), \
+                    "refused a clean run"
+            store.finish_run(run_id, status)
+        elif kind == "forget":
+            g, u = ev[1], ev[2]
+            scope = GUILDS if g is None else (g,)
+            trained = {(gg, v.version) for gg in scope for v in store.versions(gg)
+                       if u in store.contributors(gg, v.version)}
+            in_flight = {gg: runs[gg][0] for gg in scope if gg in runs and
+                         store.db.execute(
+                             "SELECT 1 FROM consents WHERE guild_id = ? AND user_id = ? "
+                             "UNION SELECT 1 FROM interactions WHERE guild_id = ? AND "
+                             "user_id = ? UNION SELECT 1 FROM messages WHERE guild_id = ? "
+                             "AND user_id = ? UNION SELECT 1 FROM feedback WHERE "
+                             "guild_id = ? AND user_id = ?", [gg, u] * 4).fetchone()}
+            report = store.forget_user(u, g)
+            left |= {(gg, u) for gg in scope}
+            # The report is true: every version trained on them, every run in flight.
+            assert set(report.tainted) == trained
+            assert report.in_flight == in_flight
+            for gg, _ in trained:
+                active = store.active_version(gg)
+                assert active is None or active.tainted_utc is None
+            forgotten.add((g, u))
+            if g is None:
+                consented = {c for c in consented if c[1] != u}
+                written[u] = set()
+            else:
+                consented.discard((g, u))
+        _check_served(store, consented)
+    dump = _dump(store)
+    for text in forbidden:
+        assert text not in dump, f"stored text of a member without consent: {text}"
+    for g, u in forgotten:
+        if g is None:
+            assert str(u) not in dump, f"forgotten member {u} still stored"
+        else:
+            for table in table_names(store):
+                cols = columns(store, table)
+                if "guild_id" in cols and "user_id" in cols:
+                    n = count(store, table, "guild_id = ? AND user_id = ?", [g, u])
+                    assert n == 0, (table, g, u)
+    assert intact(store)
 
 
 # A narrower alphabet, so that the interleavings that matter (data, a run starts, consent
@@ -221,11 +228,11 @@ run_events = st.lists(st.one_of(
 ), max_size=25)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=ONE_FACTORY)
 @given(run_events)
 def test_no_served_version_learned_from_a_member_who_left_over_run_interleavings(
-        stream: list[tuple]) -> None:
-    test_consent_and_forgetting_hold_over_random_streams.hypothesis.inner_test(stream)
+        make_store: Callable[[], Store], stream: list[tuple]) -> None:
+    check_stream(make_store(), stream)
 
 
 def _round(asker: int, leaver: int, action: str, publish_first: bool) -> list[tuple]:
@@ -246,9 +253,8 @@ rounds = st.lists(st.tuples(few_users, few_users,
                   min_size=1, max_size=5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=ONE_FACTORY)
 @given(rounds)
 def test_every_run_round_ends_with_nothing_served_from_a_member_who_left(
-        spec: list[tuple[int, int, str, bool]]) -> None:
-    stream = [ev for r in spec for ev in _round(*r)]
-    test_consent_and_forgetting_hold_over_random_streams.hypothesis.inner_test(stream)
+        make_store: Callable[[], Store], spec: list[tuple[int, int, str, bool]]) -> None:
+    check_stream(make_store(), [ev for r in spec for ev in _round(*r)])

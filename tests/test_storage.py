@@ -1,4 +1,5 @@
-"""The store's verbs, on a real SQLite file."""
+"""The store's verbs, on a real SQLite file and on a real PostgreSQL database (every test that
+uses ``store`` or ``store_url`` runs on both; see ``backend`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import pytest
 
 from storage import DELETED, PLACEHOLDER, Store, StoreBusyError, StoreError, open_store
 from storage.schema import END, START, schema_markdown
+from tests.backends import columns, count, intact, table_names
+
+pytestmark = pytest.mark.backends
 
 ROOT = Path(__file__).resolve().parents[1]
 G, H = 1001, 2002  # two guilds
@@ -41,7 +45,8 @@ def log(store: Store, guild: int, user: int, req: int, reply_msg: int, text: str
                                  request_message_id=req, reply_message_id=reply_msg, **kw)
 
 
-def test_migrations_give_the_documented_schema_and_rerun_is_a_noop(store: Store) -> None:
+def test_migrations_give_the_documented_schema_and_rerun_is_a_noop(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "schema.db")  # the README documents SQLite's DDL
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     documented = readme[readme.index(START):readme.index(END) + len(END)]
     assert documented == schema_markdown(), "README schema drifted: run `guildtune schema`"
@@ -51,19 +56,20 @@ def test_migrations_give_the_documented_schema_and_rerun_is_a_noop(store: Store)
     assert before == after
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    store.close()
 
 
 def test_every_table_is_keyed_by_guild(store: Store) -> None:
-    for table in store.db.table_names():
-        if table.startswith("_"):
-            continue
-        assert "guild_id" in store.db[table].columns_dict, table
+    tables = [t for t in table_names(store) if not t.startswith("_")]
+    assert len(tables) == 11
+    for table in tables:
+        assert "guild_id" in columns(store, table), table
 
 
 def test_log_interaction_needs_consent_and_redacts_others(store: Store) -> None:
     res = store.log_interaction(G, 5, ALICE, context=ctx((ALICE, 1, "q")), reply="a")
     assert not res.stored and "not opted in" in res.reason
-    assert store.db["interactions"].count == 0
+    assert count(store, "interactions") == 0
     store.grant_consent(G, ALICE)
     res = store.log_interaction(G, 5, ALICE, context=ctx((BOB, 1, "bob's secret"),
                                                          (ALICE, 2, "q")), reply="a")
@@ -88,7 +94,7 @@ def test_feedback_one_per_member_and_only_with_consent(store: Store) -> None:
     assert not store.record_feedback(G, 100, BOB, 1)  # BOB has not opted in
     assert not store.record_feedback(G, 999, ALICE, 1)  # not a logged reply
     assert not store.record_feedback(H, 100, ALICE, 1)  # other guild
-    assert store.db["feedback"].count == 1
+    assert count(store, "feedback") == 1
     assert store.rated_interactions(G)[0]["score"] == -1
     assert not store.remove_feedback(G, 100, ALICE, rating=1)
     assert store.remove_feedback(G, 100, ALICE, rating=-1)
@@ -105,13 +111,13 @@ def test_delete_and_edit_follow_discord(store: Store) -> None:
                                 reply="r", request_message_id=51, reply_message_id=52)
     assert store.edit_message(G, 50, "edited") == 2
     assert "edited" in store.get_interaction(G, res.interaction_id)["context_json"]
-    assert store.db["messages"].get((G, 50))["text"] == "edited"
+    assert store._scalar("SELECT text FROM messages WHERE guild_id = ? AND message_id = ?", [G, 50]) == "edited"
     store.delete_message(G, 50)
-    assert store.db["messages"].count == 0
+    assert count(store, "messages") == 0
     context = json.loads(store.get_interaction(G, res.interaction_id)["context_json"])
     assert context[0]["text"] == DELETED and "edited" not in json.dumps(context)
     store.delete_message(G, 52)  # the bot's reply: the interaction goes
-    assert store.db["interactions"].count == 0
+    assert count(store, "interactions") == 0
 
 
 def test_queue_dedup_claim_lease_and_recovery(store: Store) -> None:
@@ -212,7 +218,7 @@ def test_a_locked_database_retries_then_says_so(tmp_path: Path) -> None:
     store.close()
 
 
-def _writer(path: str, guild: int, n: int) -> None:
+def _writer(path: str | Path, guild: int, n: int) -> None:
     store = open_store(path, busy_timeout_ms=10000)
     store.grant_consent(guild, ALICE)
     for i in range(n):
@@ -220,8 +226,8 @@ def _writer(path: str, guild: int, n: int) -> None:
     store.close()
 
 
-def test_two_processes_writing_concurrently_lose_nothing(tmp_path: Path) -> None:
-    path = str(tmp_path / "shared.db")
+def test_two_processes_writing_concurrently_lose_nothing(store_url: Path | str) -> None:
+    path = store_url
     open_store(path).close()
     ctx_ = mp.get_context("spawn")
     procs = [ctx_.Process(target=_writer, args=(path, g, 300)) for g in (G, H)]
@@ -231,8 +237,9 @@ def test_two_processes_writing_concurrently_lose_nothing(tmp_path: Path) -> None
         p.join(60)
         assert p.exitcode == 0
     store = open_store(path)
-    assert store.db["interactions"].count == 600
-    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert count(store, "interactions") == 600
+    assert count(store, "interactions", "guild_id = ?", [G]) == 300
+    assert intact(store)
     store.close()
 
 

@@ -47,9 +47,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_sigkilled_worker_publishes_nothing_and_its_run_is_recovered(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW)
-    store = open_store(cfg.db_path)
+@pytest.mark.backends  # on PostgreSQL too: the worker of another host, sharing storage.url
+def test_sigkilled_worker_publishes_nothing_and_its_run_is_recovered(
+        tmp_path: Path, store_url: Path | str) -> None:
+    cfg = make_config(tmp_path, TINY_TRAINER, FEW_NEW, storage={"url": str(store_url)})
+    store = cfg.open_store()
     import_pairs(store, G)
     assert train_guild(store, cfg, G).status == "succeeded"
     assert visible_versions(cfg, G) == ["1"]
@@ -285,3 +287,31 @@ def test_a_second_signal_inside_the_first_handler_still_stops_the_worker(
             stop._flag = True
         store.close()
     assert any(e.nested for e in _SecondSignalInside.made)
+
+
+def test_a_worker_started_with_sigint_ignored_keeps_it_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker the bot or the console spawned ignores Ctrl-C (``cmd_worker``): its loop must
+    not install a SIGINT handler over that, or its training children (which inherit an
+    ignored signal, not a handler) would get Ctrl-C as a KeyboardInterrupt. SIGTERM still
+    stops it."""
+    import trainer.worker
+    from trainer.worker import run_worker_process
+
+    seen: dict[str, object] = {}
+
+    def fake_run_worker(cfg: Config, **_: object) -> int:
+        seen["int"] = signal.getsignal(signal.SIGINT)
+        seen["term"] = signal.getsignal(signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr(trainer.worker, "run_worker", fake_run_worker)
+    cfg = make_config(tmp_path, TINY_TRAINER)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run_worker_process(cfg) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and so it stays
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen["int"] is signal.SIG_IGN
+    assert callable(seen["term"]) and seen["term"] is not signal.SIG_DFL

@@ -9,8 +9,10 @@ start, and periodically, in any worker) fails the run and requeues it once.
 
 Stopping: ``run_worker_process`` (the ``guildtune worker`` process) turns SIGTERM and SIGINT into
 a graceful stop: the training child is ended, the run it held is given back (closed as failed
-and queued again), and the process exits. A worker started by the bot also stops when the bot
-dies, SIGKILL included (``watch_parent``: Linux's parent-death signal, or a reparenting check).
+and queued again), and the process exits. A worker that the bot or the console spawned ignores
+SIGINT, and so do its training children (Ctrl-C at their terminal is theirs: they stop it with
+SIGTERM). Such a worker also stops when its spawner dies, SIGKILL included (``watch_parent``:
+Linux's parent-death signal, or a reparenting check).
 
 Over 400 lines on purpose: the claim loop, the heartbeat, the training child and the
 signal handling meet at the run's lease; the child could move to its own module next.
@@ -229,12 +231,9 @@ def _child_main(cfg: Config, run_id: int, guild_id: int, force: bool, worker: st
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from storage import open_store
-
     from .pipeline import train_guild
 
-    store = open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
-                       write_retries=cfg.storage.write_retries)
+    store = cfg.open_store()
     checked = [0.0]
 
     def should_stop() -> str | None:
@@ -473,13 +472,10 @@ def run_worker(cfg: Config, *, once: bool = False, worker_id: str | None = None,
     """Claim and train queued runs one after another until ``stop`` is set (or, with ``once``,
     until the queue is empty). Returns a ``WorkerReport``: the number of runs handled, with
     each run's outcome (``report.failed`` lists the failures)."""
-    from storage import open_store
-
     worker = worker_id or default_worker_id()
     stop = stop or threading.Event()
     own = store is None
-    store = store or open_store(cfg.db_path, busy_timeout_ms=cfg.storage.busy_timeout_ms,
-                                write_retries=cfg.storage.write_retries)
+    store = store or cfg.open_store()
     outcomes: list[RunOutcome] = []
     try:
         _clean_stale_temp_dirs(cfg)
@@ -526,9 +522,13 @@ def run_worker_process(cfg: Config, *, once: bool = False, store: Store | None =
         signalled.append(signum)
 
     # Handlers can only be installed from the main thread (elsewhere: the caller's stop rules).
+    # An ignored SIGINT stays ignored (a worker spawned by the bot or the console, see
+    # ``guildtune.cli_train.cmd_worker``): the training children inherit it ignored, where a
+    # handler here would leave them Python's KeyboardInterrupt.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
-                if main_thread}
+                if main_thread and not (s == signal.SIGINT
+                                        and signal.getsignal(s) is signal.SIG_IGN)}
     try:
         if parent_pid is not None:
             watch_parent(parent_pid)

@@ -1,0 +1,310 @@
+"""The store on a PostgreSQL server (``storage.url = "postgresql://..."``): for deployments that
+span hosts (bot shards and training workers on several machines), where SQLite's file locking
+cannot be trusted (its documentation warns against network filesystems).
+
+Every verb of ``Store`` is the same Python and the same SQL; only the hooks of ``db.StoreBase``
+marked "dialect" change here:
+
+- **Connections**: one per thread (as for SQLite), autocommit outside write transactions, opened
+  on first use and reopened after a lost connection (a write retries on the new one).
+- **Writes**: a write verb runs in one transaction that first takes the store's write lock
+  (``pg_advisory_xact_lock``): writers are serialized exactly as SQLite's ``BEGIN IMMEDIATE``
+  serializes them, so every check-then-write rule (consent gating, one open run and one active
+  version per guild, forget in one transaction) holds with the same semantics; readers never
+  wait. The one exception is ``claim_run``, which takes the oldest queued run with
+  ``SELECT ... FOR UPDATE SKIP LOCKED``: two workers on two hosts never get the same run and
+  never wait on each other. ``busy_timeout_ms`` becomes ``lock_timeout``.
+- **SQL**: ``?`` placeholders become psycopg's ``%s``; ``instr()`` is a SQL function created by
+  the first migration; a stored-form time is matched with a regular expression instead of GLOB.
+- **After a forget**: ``VACUUM`` of the members' tables instead of SQLite's WAL checkpoint
+  (PostgreSQL keeps deleted row versions until VACUUM removes them; it does not zero them).
+- **Not here**: backup and restore (use ``pg_dump``/``pg_restore``, see the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .db import StoreBusyError, StoreError
+from .pg_migrations import MIGRATIONS_TABLE, PG_MIGRATIONS
+
+log = logging.getLogger("storage.store")
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+# The key of the store's write lock (pg_advisory_xact_lock); advisory locks are per database.
+WRITE_LOCK_KEY = 0x6775696C64  # "guild"
+# The tables that hold what members wrote or did (VACUUMed after a forget or a purge).
+MEMBER_TABLES = ("interactions", "messages", "feedback", "corrections", "consents")
+STORED_FORM_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether ``target`` (``storage.url``, or what ``open_store`` gets) names a PostgreSQL
+    database rather than a SQLite file; the scheme in any case."""
+    return isinstance(target, str) and target.lower().startswith(URL_SCHEMES)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages, logs and config snapshots."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a malformed port and the like: hide everything before the host
+        return re.sub(r"//[^@/]*@", "//***@", url)
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("storage.url is a PostgreSQL URL but psycopg is not installed: "
+                         "pip install 'guildtune[postgres]'") from None
+    return psycopg
+
+
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%")
+
+
+def pg_sql(sql: str) -> str:
+    """SQLite's ``?`` placeholders as psycopg's ``%s`` (outside quoted literals and
+    identifiers), and every ``%`` as ``%%`` (psycopg reads ``%`` even inside literals)."""
+    def swap(m: re.Match[str]) -> str:
+        tok = m.group(0)
+        return "%s" if tok == "?" else tok.replace("%", "%%")
+    return _TOKENS.sub(swap, sql)
+
+
+class _Cursor:
+    """A psycopg cursor that takes the store's SQL (``?`` placeholders)."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        self._cur.execute(pg_sql(sql), list(params))
+        return self
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor:
+        rows = [list(r) for r in seq]
+        if rows:
+            self._cur.executemany(pg_sql(sql), rows)
+        return self
+
+    def __getattr__(self, name: str) -> Any:  # rowcount, fetchone, fetchall, description
+        return getattr(self._cur, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cur)
+
+
+class PgDb:
+    """This thread's PostgreSQL connection, with the surface the store's verbs use of
+    sqlite-utils' ``Database``: ``execute`` and ``conn.executemany/cursor/in_transaction``."""
+
+    def __init__(self, conn: Any) -> None:
+        self.raw = conn
+        self.conn = self  # verbs write ``db.conn.executemany``, as with sqlite3
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        return _Cursor(self.raw.cursor()).execute(sql, params)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor:
+        return _Cursor(self.raw.cursor()).executemany(sql, seq)
+
+    def cursor(self) -> _Cursor:
+        return _Cursor(self.raw.cursor())
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _broken(conn: Any) -> bool:
+    return bool(conn.closed or getattr(conn, "broken", False))
+
+
+def postgres_store_class(base: type) -> type:
+    """``Store`` with the PostgreSQL dialect (built from ``Store`` by ``open_store``, so this
+    module does not import it)."""
+
+    class PostgresStore(base):  # type: ignore[misc, valid-type]
+        """All SQL of guildtune, on a PostgreSQL server. Safe to share between threads."""
+
+        backend = "postgresql"
+
+        def __init__(self, url: str, *, busy_timeout_ms: int = 5000,
+                     write_retries: int = 3) -> None:
+            psycopg = _psycopg()
+            scheme, sep, rest = url.partition("://")
+            url = scheme.lower() + sep + rest  # libpq knows the scheme in lower case only
+            self.path = None  # type: ignore[assignment]  # no file: see ``where``
+            self.url = url
+            self.where = redact_url(url)
+            self.busy_timeout_ms = busy_timeout_ms
+            self.write_retries = write_retries
+            self._local = threading.local()
+            self._all: list[Any] = []
+            self._lock = threading.Lock()
+            self._db_errors = (psycopg.Error,)
+            self._errors = psycopg.errors
+
+        # -- connections -------------------------------------------------------------------
+
+        @property
+        def db(self) -> PgDb:  # type: ignore[override]
+            db = getattr(self._local, "db", None)
+            if db is not None and _broken(db.raw):
+                self._drop_connection()
+                db = None
+            if db is None:
+                psycopg = _psycopg()
+                try:
+                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+                except psycopg.OperationalError as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    raise StoreError(f"cannot connect to {self.where}: {first}") from None
+                conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
+                db = PgDb(conn)
+                self._local.db = db
+                with self._lock:
+                    self._all.append(conn)
+            return db
+
+        def _drop_connection(self) -> None:
+            db = getattr(self._local, "db", None)
+            self._local.db = None
+            if db is not None:
+                with self._lock:
+                    if db.raw in self._all:
+                        self._all.remove(db.raw)
+                try:
+                    db.raw.close()
+                except Exception:  # noqa: BLE001 - it is already broken
+                    pass
+
+        def close(self) -> None:
+            with self._lock:
+                for conn in self._all:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001 - closing a broken connection
+                        pass
+                self._all.clear()
+            self._local = threading.local()
+
+        # -- dialect -----------------------------------------------------------------------
+
+        def _error_kind(self, exc: BaseException) -> str | None:
+            e = self._errors
+            if isinstance(exc, e.DiskFull):
+                return "full"
+            if isinstance(exc, (e.SerializationFailure, e.DeadlockDetected,
+                                e.LockNotAvailable)):
+                return "busy"
+            db = getattr(self._local, "db", None)
+            if isinstance(exc, e.OperationalError) and (db is None or _broken(db.raw)):
+                return "reconnect"
+            return None
+
+        def _busy_message(self, verb: str, attempts: int) -> str:
+            return (f"{self.where} is busy: {verb} waited {self.busy_timeout_ms} ms for the "
+                    f"write lock x {attempts} tries and wrote nothing; look for a long "
+                    "transaction holding it (pg_stat_activity) and retry")
+
+        def _in_transaction(self, db: Any) -> bool:
+            return db.in_transaction
+
+        def _stored_form(self, column: str) -> str:
+            return f"{column} ~ '{STORED_FORM_RE}'"
+
+        @contextmanager
+        def _transaction(self, db: Any, serialize: bool | str = True) -> Iterator[None]:
+            db.execute("BEGIN")
+            try:
+                # Writers exclusive, claims shared: a claim waits for every other write (so a
+                # forget sees a run claimed before it, and a claim sees a forget before it),
+                # while claims of several workers run side by side, kept apart by SKIP LOCKED.
+                db.execute("SELECT pg_advisory_xact_lock_shared(?)" if serialize == "shared"
+                           else "SELECT pg_advisory_xact_lock(?)", [WRITE_LOCK_KEY])
+                yield
+            except BaseException:
+                if not _broken(db.raw) and db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+
+        def _claim_filter(self) -> str:
+            return " FOR UPDATE SKIP LOCKED"
+
+        def migrate(self) -> list[str]:
+            """Apply pending migrations in one transaction under the write lock."""
+            db = self.db
+            with self._transaction(db):
+                db.execute(MIGRATIONS_TABLE)
+                done = {r[0] for r in db.execute(
+                    "SELECT name FROM _sqlite_migrations WHERE migration_set = ?",
+                    ["guildtune"])}
+                pending = [(n, sql) for n, sql in PG_MIGRATIONS if n not in done]
+                for name, sql in pending:
+                    if sql.strip():
+                        db.raw.execute(sql)  # DDL, no parameters: run as written
+                    db.execute("INSERT INTO _sqlite_migrations (migration_set, name, "
+                               "applied_at) VALUES (?, ?, ?)",
+                               ["guildtune", name, str(datetime.now(UTC))])
+            return [n for n, _ in pending]
+
+        def checkpoint(self) -> bool:
+            """After a forget or a retention purge: VACUUM the tables members' words live in, so
+            the deleted row versions are removed and their space is free to be overwritten
+            (PostgreSQL never zeroes it; see the data statement's PostgreSQL wording). False
+            inside a transaction, where VACUUM cannot run (the next one does it)."""
+            db = self.db
+            if db.in_transaction:
+                return False
+            db.raw.execute(f"VACUUM {', '.join(MEMBER_TABLES)}")
+            return True
+
+        def backup(self, dest: Any) -> Any:
+            raise StoreError(f"{self.where} is a PostgreSQL database: back it up with "
+                             "pg_dump (e.g. pg_dump -Fc -f guildtune.dump <url>), not guildtune "
+                             "backup")
+
+    return PostgresStore
+
+
+def open_postgres(store_cls: type, url: str, *, busy_timeout_ms: int,
+                  write_retries: int) -> Any:
+    store = postgres_store_class(store_cls)(url, busy_timeout_ms=busy_timeout_ms,
+                                            write_retries=write_retries)
+    psycopg = _psycopg()
+    try:
+        store.migrate()
+    except StoreError:
+        store.close()
+        raise
+    except psycopg.errors.LockNotAvailable as exc:
+        store.close()
+        raise StoreBusyError(f"{store.where} is busy (another process holds the write lock); "
+                             "cannot migrate") from exc
+    except psycopg.Error as exc:
+        store.close()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise StoreError(f"{store.where} is not a usable guildtune database: {first}") from exc
+    return store
