@@ -23,6 +23,7 @@ marked "dialect" change here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -139,6 +140,7 @@ def _broken(conn: Any) -> bool:
     return bool(conn.closed or getattr(conn, "broken", False))
 
 
+@functools.cache
 def postgres_store_class(base: type) -> type:
     """``Store`` with the PostgreSQL dialect (built from ``Store`` by ``open_store``, so this
     module does not import it)."""

@@ -155,14 +155,15 @@ def test_standalone_bot_spawns_the_worker_without_the_token(tmp_path, monkeypatc
     seen = {}
 
     class FakePopen:
-        def __init__(self, cmd, env=None):
-            seen["cmd"], seen["env"] = cmd, env
+        def __init__(self, cmd, env=None, process_group=None):
+            seen["cmd"], seen["env"], seen["group"] = cmd, env, process_group
 
     monkeypatch.setenv("DISCORD_TOKEN", "tok.en.value")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     runner.spawn_worker(cfg)
     assert seen["cmd"][1:] == ["-m", "guildtune", "--config", str(cfg_file), "worker"]
     assert "DISCORD_TOKEN" not in seen["env"]
+    assert seen["group"] == 0  # its own process group: the terminal's Ctrl-C is not its
     from guildtune.cli import build_parser
 
     build_parser().parse_args(seen["cmd"][3:])  # the worker's command line parses
