@@ -50,12 +50,10 @@ CORRECT_P = 0.5
 
 async def run_community(name: str, split: Any, judge: Any, cfg: Any, n: int,
                         res: Results) -> None:
-    from bot.context import Turn
     from bot.core import Core
     from bot.services import open_services
     from guildtune.adapter_dir import adapter_meta, write_meta
-    from guildtune.demo import DemoChannel, _FastClock
-    from storage.times import utc_now
+    from guildtune.demo_members import FastClock, ReplayChannel, member_turn
     from trainer.data import MIN_EXAMPLES, build_dataset
     from trainer.pipeline import load_base
 
@@ -66,11 +64,11 @@ async def run_community(name: str, split: Any, judge: Any, cfg: Any, n: int,
         (work / f).unlink(missing_ok=True)
     cfg = cfg.replace(storage={"data_dir": str(work)})
     guilds = {v: 7000 + i for i, v in enumerate(VARIANTS)}
-    channel = DemoChannel()
+    channel = ReplayChannel()
     rng = random.Random(name)
     lm = base = None
     async with open_services(cfg) as services:
-        services.clock = _FastClock()
+        services.clock = FastClock()
         core = Core(services)
         for v, g in guilds.items():
             services.store.update_guild_settings(g, training_enabled=True)
@@ -79,16 +77,14 @@ async def run_community(name: str, split: Any, judge: Any, cfg: Any, n: int,
 
         async def ask(v: str, g: int, i: int, ex: Any) -> tuple[str, bool]:
             member = g * 100 + i % MEMBERS
-            mid = channel.new_id()
-            turn = Turn("user", member, mid, ex.messages[1][1], created_utc=utc_now())
-            out = await core.chat(channel, guild_id=g, channel_id=g + 1, user_id=member,
-                                  request_message_id=mid, turns=[turn])
-            reply = out.result.text
-            liked = judge.predict([reply])[0] == name
-            await core.rate(g, out.feedback_message_id, member, 1 if liked else -1)
-            if not liked and VARIANTS[v][0] and rng.random() < CORRECT_P:
-                await core.suggest(g, out.feedback_message_id, member, ex.messages[2][1])
-            return reply, liked
+            # The asker rates; disliking, they write the community's real reply half the time
+            # (in the variants with corrections).
+            done = await member_turn(
+                core, channel, guild_id=g, member=member, text=ex.messages[1][1],
+                likes=lambda reply: judge.predict([reply])[0] == name, raters=[member],
+                better=lambda: ex.messages[2][1] if VARIANTS[v][0] and rng.random() < CORRECT_P
+                else None)
+            return done.reply or "", bool(done.liked)
 
         for r, questions in enumerate(rounds):
             key = f"{name}/round {r}"
@@ -109,7 +105,8 @@ async def run_community(name: str, split: Any, judge: Any, cfg: Any, n: int,
                 vcfg = cfg.replace(training={"preference_loss": VARIANTS[v][1]})
                 data = build_dataset(services.store, g, vcfg)
                 train = data.train + data.heldout
-                kinds = {k: sum(e.kind == k for e in train) for k in ("liked", "correction")}
+                src = data.stats["sources"]  # the trainer's own count, train and held out
+                kinds = {k: src["train"][k] + src["heldout"][k] for k in ("liked", "correction")}
                 per[v]["trained_on"] = {**kinds, "negatives": len(data.negatives)
                                         if VARIANTS[v][1] else 0}
                 if len(train) < MIN_EXAMPLES:

@@ -95,3 +95,11 @@ def prompts(community: Community, n: int, seed: int = 1) -> list[str]:
     """Messages members send to the bot during the replay."""
     rng = random.Random(f"prompts-{community.name}-{seed}")
     return [rng.choice(QUESTIONS).format(t=rng.choice(TOPICS)) for _ in range(n)]
+
+
+def better_reply(community: Community, prompt: str) -> str:
+    """What a member of ``community`` would have answered to ``prompt`` (a message from
+    ``prompts``): one of its reply templates about the prompt's topic, the same each time."""
+    topic = max((t for t in TOPICS if t in prompt), key=len, default="that")
+    rng = random.Random(f"better-{community.name}-{prompt}")
+    return rng.choice(community.reply_templates).format(t=topic)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 
 def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib types
@@ -40,22 +41,59 @@ def matrix_chart(matrix: dict[str, dict[str, float]], path: Path) -> Path:
     return path
 
 
-def like_rate_chart(rates: dict[str, dict[str, float]], path: Path) -> Path:
-    """Grouped bars: each guild's like-rate before and after its adapter went live."""
-    fig = _figure(1.5 + 1.6 * max(len(rates), 1), 3.2)
+PHASES = (("before", "before (base)"), ("after", "after (own adapter)"))
+
+
+def like_rate_chart(counts: dict[str, dict[str, tuple[int, int]]], path: Path,
+                    phases: tuple[tuple[str, str], ...] = PHASES,
+                    title: str = "simulated members' like-rate") -> Path:
+    """``like_rate_figure`` saved to ``path``."""
+    like_rate_figure(counts, phases, title).savefig(path)
+    return path
+
+
+def like_rate_figure(counts: dict[str, dict[str, tuple[int, int]]],
+                     phases: tuple[tuple[str, str], ...] = PHASES,
+                     title: str = "simulated members' like-rate") -> Any:
+    """Grouped bars: each guild's like-rate in each of ``phases`` (key, legend label), from
+    ``counts[guild][phase] = (liked, rated)``; every bar says its rate and its sample size,
+    and the axis ends at 100%."""
+    from bot.charts import label_bars
+
+    fig = _figure(2.0 + 1.8 * max(len(counts), 1), 3.4)
     ax = fig.add_subplot()
-    names = list(rates)
-    for k, (phase, color) in enumerate((("before", "#999999"), ("after", "#2b8cbe"))):
-        xs = [i + (k - 0.5) * 0.38 for i in range(len(names))]
-        ys = [rates[n].get(phase, 0.0) * 100 for n in names]
-        ax.bar(xs, ys, width=0.36, label=phase, color=color)
-        for x, y in zip(xs, ys):
-            ax.text(x, y + 1, f"{y:.0f}%", ha="center", fontsize=8)
+    names = list(counts)
+    colors = ("#999999", "#2b8cbe", "#31a354", "#e6550d")
+    width = 0.76 / max(len(phases), 1)
+    for k, (phase, label) in enumerate(phases):
+        xs = [i + (k - (len(phases) - 1) / 2) * width for i in range(len(names))]
+        got = [counts[n].get(phase, (0, 0)) for n in names]
+        ys = [100 * liked / n if n else 0.0 for liked, n in got]
+        bars = ax.bar(xs, ys, width=width * 0.95, label=label, color=colors[k % len(colors)])
+        label_bars(ax, bars, [f"{y:.0f}%\n{liked}/{n}" if n else "n=0"
+                              for y, (liked, n) in zip(ys, got)], fontsize=7)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 125)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("replies liked (%)")
-    ax.set_title("simulated members' like-rate")
-    ax.legend(loc="upper center", ncol=2)
+    ax.set_title(f"{title} (liked/rated under each bar's rate)", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(phases), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve_chart(curves: dict[str, tuple[list[float], int]], path: Path) -> Path:
+    """Training loss per step of each run (``label -> (curve, every)``: a point is the mean of
+    ``every`` steps, as ``trainer.pipeline.loss_curve`` records it)."""
+    fig = _figure(6.0, 3.2)
+    ax = fig.add_subplot()
+    for label, (curve, every) in curves.items():
+        ax.plot([every * (i + 1) for i in range(len(curve))], curve, label=label,
+                marker="." if len(curve) < 40 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss per step (each run's final fit)", fontsize=9)
+    if curves:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 # pipeline.NotEnoughData and says how many more it needs. Small sets are judged by k-fold.
 MIN_EXAMPLES = 10
 RATING_ONLY_GROUP = -1  # the pseudo-member id of that slice (Discord ids are positive)
+# Where a target came from (``Example.kind`` of the desirable examples), in the order reports
+# list them: members' replies to each other (imported history, or chat logged with
+# learn_from_humans on), bot replies members liked, and better replies members wrote.
+SOURCES = ("human", "liked", "correction")
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,12 @@ def cap_user_share(examples: list[Example], share: float, budget: int,
     return _select(examples, share, budget, mass)[0]
 
 
+def source_counts(examples: Iterable[Example]) -> dict[str, int]:
+    """How many of ``examples`` came from each of ``SOURCES`` (every source listed, 0 too)."""
+    kinds = Counter(e.kind for e in examples)
+    return {k: kinds[k] for k in SOURCES}
+
+
 def fingerprint(examples: Iterable[Example]) -> str:
     """A hash of the dataset's content (order-independent) and weights."""
     h = hashlib.sha256()
@@ -485,6 +495,9 @@ def build_dataset(store: Any, guild_id: int, cfg: Any, *,
              **{f"n_{k}": v for k, v in by_kind.items()},
              "n_train": len(train), "n_heldout": len(heldout), "n_negatives": len(negatives),
              "eval": plan,
+             # Where the examples a run uses came from: the fit's (train) and the gate's
+             # (held out; with k-fold, every example is in train and judged by the folds).
+             "sources": {"train": source_counts(train), "heldout": source_counts(heldout)},
              # Weighted supervised tokens (estimated unless a tokenizer counted them) and the
              # largest share of them one member (or the rating-only slice) steers.
              "supervised_mass": round(mass, 1), "tokens_estimated": count_tokens is None,

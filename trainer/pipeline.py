@@ -105,7 +105,7 @@ def train_guild(store: Store, cfg: Config, guild_id: int, *, force: bool = False
         else:
             peft_model, metrics = _judge_by_time(lm, data, cfg, active, progress, should_stop)
         metrics.update({"base_model": lm.base_id, "data_fingerprint": data.fingerprint,
-                        "forced": promote_anyway,
+                        "sources": data.stats["sources"], "forced": promote_anyway,
                         "active_version": active.version if active else None})
         if "candidate_loss" in metrics:
             decision = gate(metrics["candidate_loss"], metrics["base_loss"],
@@ -187,11 +187,25 @@ def unseen_by(active: Any, examples: list[Any]) -> list[Any]:
     return fresh if len(fresh) >= MIN_UNSEEN else examples
 
 
+LOSS_CURVE_POINTS = 500  # a longer fit's curve is kept as this many means of equal runs of steps
+
+
+def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> tuple[list[float], int]:
+    """The fit's training loss per step, or for a fit of more than ``points`` steps the mean
+    of every ``every`` steps; returns (curve, every)."""
+    every = max(1, -(-len(losses) // points))
+    curve = [sum(part) / len(part) for part in
+             (losses[i:i + every] for i in range(0, len(losses), every))]
+    return [round(x, 4) for x in curve], every
+
+
 def _fit_metrics(result: Any) -> dict[str, Any]:
+    curve, every = loss_curve(result.losses)
     return {"steps": result.steps, "tokens": result.tokens,
             "train_seconds": round(result.seconds, 2),
             "tokens_per_s": round(result.tokens_per_s, 1),
-            "train_loss": round(result.final_loss, 4), "stopped": result.stopped}
+            "train_loss": round(result.final_loss, 4), "stopped": result.stopped,
+            "loss_curve": curve, "loss_curve_every": every}
 
 
 def _active_loss(peft_model: Any, lm: LoadedModel, examples: list[Any], active: Any,
