@@ -69,9 +69,14 @@ def no_database(cfg: Config) -> str | None:
     """What a command says when there is no database yet (None: there is one, or the data dir
     is a file, which ``_store`` reports). A command that reads or deletes members' data asks
     this before ``_store``, which would create an empty database as a side effect."""
+    from storage.store import store_exists
+    from storage.postgres import redact_url
+
     where = cfg.store_url
-    if isinstance(where, str) or where.exists() or cfg.data_dir.is_file():
-        return None  # a PostgreSQL database exists on its server (or the error says not)
+    if cfg.data_dir.is_file() or store_exists(where):
+        return None
+    if isinstance(where, str):
+        return f"no guildtune tables yet in {redact_url(where)} (`guildtune init` creates them)"
     return f"no database yet at {where} (`guildtune init` creates it)"
 
 

@@ -69,7 +69,7 @@ def _writes(fn: Callable[P, T]) -> Callable[P, T]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         self: StoreBase = args[0]  # type: ignore[assignment]
-        if self._in_transaction(self.db):  # nested verb: join the caller's transaction
+        if self._joins_transaction():  # nested verb: join the caller's transaction
             return fn(*args, **kwargs)
         attempts = self.write_retries + 1
         for attempt in range(1, attempts + 1):
@@ -83,6 +83,10 @@ def _writes(fn: Callable[P, T]) -> Callable[P, T]:
                     raise StoreFullError(
                         f"{self.where}: the disk is full; {fn.__name__} wrote nothing (free "
                         "space, then retry)") from exc
+                if kind == "unknown":  # the server may have committed it: never run it twice
+                    raise StoreError(
+                        f"{self.where}: the connection was lost while {fn.__name__} committed; "
+                        "it may or may not have been written (check, then retry)") from exc
                 if kind not in ("busy", "reconnect"):
                     raise
                 if attempt == attempts and kind == "reconnect":
@@ -93,9 +97,11 @@ def _writes(fn: Callable[P, T]) -> Callable[P, T]:
                 log.warning("database %s during %s (try %d/%d), retrying",
                             "busy" if kind == "busy" else "connection lost", fn.__name__,
                             attempt, attempts)
-                if kind == "reconnect":
+                if kind == "reconnect":  # a server restarting: give it seconds, not milliseconds
                     self._drop_connection()
-                time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
+                    time.sleep(min(0.5 * 2 ** attempt, 5.0) * (0.5 + random.random()))
+                else:
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
     return wrapper
@@ -158,7 +164,8 @@ class StoreBase:
     # -- dialect -------------------------------------------------------------------------------
 
     def _error_kind(self, exc: BaseException) -> str | None:
-        """"full", "busy" (retry), "reconnect" (retry on a new connection) or None (raise)."""
+        """"full", "busy" (retry), "reconnect" (retry on a new connection), "unknown" (lost
+        while committing: may have been written) or None (raise as is)."""
         if _is_full(exc):
             return "full"
         return "busy" if _is_locked(exc) else None  # type: ignore[arg-type]
@@ -171,8 +178,9 @@ class StoreBase:
     def _drop_connection(self) -> None:
         """Forget this thread's connection (a lost server connection); SQLite has none to lose."""
 
-    def _in_transaction(self, db: Database) -> bool:
-        return db.conn.in_transaction
+    def _joins_transaction(self) -> bool:
+        """Whether this thread is inside a write transaction already (a nested verb)."""
+        return self.db.conn.in_transaction
 
     def _claim_filter(self) -> str:
         """What a claim's SELECT appends to lock the row it takes (none: one writer)."""

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS _sqlite_migrations (
 PG_MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", """
         -- SQLite's instr(), which the store's SQL uses to find a member's id in stored text.
-        CREATE OR REPLACE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
+        CREATE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
             LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS 'SELECT strpos(haystack, needle)';
 
         CREATE TABLE guild_settings (

@@ -52,8 +52,13 @@ def is_postgres_url(target: object) -> bool:
     return isinstance(target, str) and target.lower().startswith(URL_SCHEMES)
 
 
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages, logs and config snapshots."""
+    """The URL without its password (in the user part or as a ``password=`` parameter), for
+    messages, logs and config snapshots."""
+    url = _QUERY_SECRET.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -64,6 +69,14 @@ def redact_url(url: str) -> str:
     host = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class StoreUnavailableError(StoreError):
+    """The database server cannot be reached (down, restarting, or the URL is wrong)."""
+
+
+class CommitUnknownError(StoreError):
+    """The connection was lost while a COMMIT was on its way: it may have been applied."""
 
 
 def _psycopg() -> Any:
@@ -114,12 +127,23 @@ class PgDb:
     """This thread's PostgreSQL connection, with the surface the store's verbs use of
     sqlite-utils' ``Database``: ``execute`` and ``conn.executemany/cursor/in_transaction``."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, reopen: Any = None) -> None:
         self.raw = conn
         self.conn = self  # verbs write ``db.conn.executemany``, as with sqlite3
+        self._reopen = reopen  # () -> PgDb: this thread's new connection
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
-        return _Cursor(self.raw.cursor()).execute(sql, params)
+        """Run one statement. A read outside a transaction on a connection the server dropped
+        (a restart, an idle kill) is run again once on a new connection: it changes nothing."""
+        idle_read = self._reopen is not None and not self.in_transaction and \
+            sql.lstrip()[:6].upper() == "SELECT"
+        try:
+            return _Cursor(self.raw.cursor()).execute(sql, params)
+        except _psycopg().OperationalError:
+            if not (idle_read and _broken(self.raw)):
+                raise
+        log.warning("database connection lost during a read; reconnecting")
+        return self._reopen().execute(sql, params)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Cursor:
         return _Cursor(self.raw.cursor()).executemany(sql, seq)
@@ -134,6 +158,25 @@ class PgDb:
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _adapt(conn: Any) -> None:
+    """Send Python values as SQLite stores them: a bool as the integer 0/1 (every flag column
+    is INTEGER), and text with NUL characters (which PostgreSQL text cannot hold) with U+FFFD
+    in their place (member text never has them: ``text._clip`` removes them first)."""
+    from psycopg.types.numeric import Int8Dumper
+    from psycopg.types.string import StrDumperUnknown
+
+    class NulSafeStr(StrDumperUnknown):
+        def dump(self, obj: str) -> Any:
+            return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+    class BoolAsInt(Int8Dumper):
+        def dump(self, obj: bool) -> Any:
+            return super().dump(int(obj))
+
+    conn.adapters.register_dumper(str, NulSafeStr)
+    conn.adapters.register_dumper(bool, BoolAsInt)
 
 
 def _broken(conn: Any) -> bool:
@@ -163,7 +206,7 @@ def postgres_store_class(base: type) -> type:
             self._local = threading.local()
             self._all: list[Any] = []
             self._lock = threading.Lock()
-            self._db_errors = (psycopg.Error,)
+            self._db_errors = (psycopg.Error, StoreUnavailableError, CommitUnknownError)
             self._errors = psycopg.errors
 
         # -- connections -------------------------------------------------------------------
@@ -180,13 +223,19 @@ def postgres_store_class(base: type) -> type:
                     conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
                 except psycopg.OperationalError as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    raise StoreError(f"cannot connect to {self.where}: {first}") from None
+                    raise StoreUnavailableError(
+                        f"cannot connect to {self.where}: {redact_url(first)}") from None
+                _adapt(conn)
                 conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
-                db = PgDb(conn)
+                db = PgDb(conn, reopen=self._reopen)
                 self._local.db = db
                 with self._lock:
                     self._all.append(conn)
             return db
+
+        def _reopen(self) -> PgDb:
+            self._drop_connection()
+            return self.db
 
         def _drop_connection(self) -> None:
             db = getattr(self._local, "db", None)
@@ -214,6 +263,10 @@ def postgres_store_class(base: type) -> type:
 
         def _error_kind(self, exc: BaseException) -> str | None:
             e = self._errors
+            if isinstance(exc, CommitUnknownError):
+                return "unknown"
+            if isinstance(exc, StoreUnavailableError):
+                return "reconnect"
             if isinstance(exc, e.DiskFull):
                 return "full"
             if isinstance(exc, (e.SerializationFailure, e.DeadlockDetected,
@@ -229,8 +282,9 @@ def postgres_store_class(base: type) -> type:
                     f"write lock x {attempts} tries and wrote nothing; look for a long "
                     "transaction holding it (pg_stat_activity) and retry")
 
-        def _in_transaction(self, db: Any) -> bool:
-            return db.in_transaction
+        def _joins_transaction(self) -> bool:
+            db = getattr(self._local, "db", None)  # no connection yet: no transaction either
+            return db is not None and not _broken(db.raw) and db.in_transaction
 
         def _stored_form(self, column: str) -> str:
             return f"{column} ~ '{STORED_FORM_RE}'"
@@ -249,8 +303,12 @@ def postgres_store_class(base: type) -> type:
                 if not _broken(db.raw) and db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            else:
+            try:
                 db.execute("COMMIT")
+            except _psycopg().OperationalError as exc:
+                if _broken(db.raw):
+                    raise CommitUnknownError(str(exc)) from exc
+                raise
 
         def _claim_filter(self) -> str:
             return " FOR UPDATE SKIP LOCKED"
@@ -258,6 +316,13 @@ def postgres_store_class(base: type) -> type:
         def migrate(self) -> list[str]:
             """Apply pending migrations in one transaction under the write lock."""
             db = self.db
+            if db.execute("SELECT to_regclass('_sqlite_migrations')").fetchone()[0] is not None:
+                # Migrated already: an up-to-date database needs no DDL (nor CREATE on the
+                # schema, which a runtime role without it does not have).
+                done = {r[0] for r in db.execute("SELECT name FROM _sqlite_migrations WHERE "
+                                                 "migration_set = ?", ["guildtune"])}
+                if all(n in done for n, _ in PG_MIGRATIONS):
+                    return []
             with self._transaction(db):
                 db.execute(MIGRATIONS_TABLE)
                 done = {r[0] for r in db.execute(
@@ -280,8 +345,25 @@ def postgres_store_class(base: type) -> type:
             db = self.db
             if db.in_transaction:
                 return False
-            db.raw.execute(f"VACUUM {', '.join(MEMBER_TABLES)}")
-            return True
+            skipped: list[str] = []
+
+            def notice(diag: Any) -> None:
+                if (diag.message_primary or "").startswith("skipping"):
+                    skipped.append(diag.message_primary)
+
+            db.raw.add_notice_handler(notice)
+            try:
+                db.raw.execute(f"VACUUM {', '.join(MEMBER_TABLES)}")
+            except _psycopg().Error as exc:  # the forget is committed; only the cleanup waits
+                log.warning("VACUUM after a forget or purge did not run (%s); autovacuum "
+                            "removes the deleted rows later", str(exc).strip().splitlines()[0])
+                return False
+            finally:
+                db.raw.remove_notice_handler(notice)
+            if skipped:
+                log.warning("VACUUM after a forget or purge skipped tables (%s): run it as "
+                            "their owner", "; ".join(skipped))
+            return not skipped
 
         def backup(self, dest: Any) -> Any:
             raise StoreError(f"{self.where} is a PostgreSQL database: back it up with "
@@ -289,6 +371,21 @@ def postgres_store_class(base: type) -> type:
                              "backup")
 
     return PostgresStore
+
+
+def has_store(url: str) -> bool:
+    """Whether the database at ``url`` holds a guildtune store already (``open_store`` would
+    create its tables otherwise). StoreUnavailableError when the server cannot be reached."""
+    psycopg = _psycopg()
+    scheme, sep, rest = url.partition("://")
+    try:
+        with psycopg.connect(scheme.lower() + sep + rest, connect_timeout=10) as conn:
+            return conn.execute("SELECT to_regclass('_sqlite_migrations')").fetchone()[0] \
+                is not None
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise StoreUnavailableError(f"cannot connect to {redact_url(url)}: "
+                                    f"{redact_url(first)}") from None
 
 
 def open_postgres(store_cls: type, url: str, *, busy_timeout_ms: int,

@@ -25,7 +25,8 @@ class ReadsMixin(StoreBase):
         rows = self._rows(
             "SELECT i.id, i.user_id, i.context_json, i.reply, i.adapter_version, i.created_utc "
             "FROM interactions i JOIN consents c ON c.guild_id = i.guild_id AND "
-            "c.user_id = i.user_id WHERE i.guild_id = ? ORDER BY i.created_utc DESC", [guild_id])
+            "c.user_id = i.user_id WHERE i.guild_id = ? ORDER BY i.created_utc DESC, i.id DESC",
+            [guild_id])
         ratings = self._rows(
             "SELECT f.interaction_id, f.user_id, f.rating, f.created_utc FROM feedback f JOIN "
             "consents c ON c.guild_id = f.guild_id AND c.user_id = f.user_id "

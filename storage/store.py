@@ -47,7 +47,7 @@ from .db import (  # noqa: F401
 )
 from .ids import new_ulid
 from .migrations import migrations
-from .postgres import is_postgres_url, open_postgres
+from .postgres import has_store, is_postgres_url, open_postgres
 from .privacy import ForgetReport, PrivacyMixin, withdrawn_key
 from .queue import RUN_STATUSES, QueueMixin, Run
 from .reads import ReadsMixin
@@ -77,7 +77,8 @@ __all__ = [
     "SIDE_FILES", "AdapterVersion", "ConsentChangedError", "ForgetReport", "GuildSettings",
     "LogResult", "Run", "Store", "StoreBusyError", "StoreError", "StoreFullError",
     "check_backup", "cut_quotes", "format_utc", "fsync_path", "migrations", "new_ulid",
-    "open_store", "parse_utc", "quoted_grams", "restore_backup", "to_utc", "utc_now",
+    "open_store", "parse_utc", "quoted_grams", "restore_backup", "store_exists", "to_utc",
+    "utc_now",
     "withdrawn_key",
 ]
 
@@ -85,6 +86,14 @@ __all__ = [
 class Store(ConsentMixin, RecordsMixin, PrivacyMixin, QueueMixin, RegistryMixin, ReadsMixin,
             BackupMixin):
     """All SQL of guildtune. Safe to share between threads (one connection per thread)."""
+
+
+def store_exists(target: str | os.PathLike[str]) -> bool:
+    """Whether ``open_store(target)`` would open an existing store rather than create one: for
+    commands that read or delete members' data, which must not create a database."""
+    if is_postgres_url(target):
+        return has_store(str(target))
+    return Path(target).exists()
 
 
 def open_store(path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,

@@ -6,6 +6,7 @@ test_privacy_property)."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -168,3 +169,118 @@ def test_the_data_statement_says_what_a_forget_does_to_the_bytes(tmp_path: Path)
     assert _values(lite)["erase"] == ERASE["sqlite"] and "secure_delete" in ERASE["sqlite"]
     assert _values(pg)["erase"] == ERASE["postgresql"] and "secure_delete" not in _values(pg)[
         "erase"]
+
+
+def test_a_connection_lost_while_committing_is_never_written_twice(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage.postgres import PgDb
+
+    store = open_store(pg_url, busy_timeout_ms=1000, write_retries=3)
+    store.grant_consent(G, ALICE)
+    real = PgDb.execute
+
+    def commit_then_drop(self: PgDb, sql: str, params=()):  # noqa: ANN001, ANN202
+        out = real(self, sql, params)
+        if sql == "COMMIT":  # applied by the server; the reply never arrives
+            self.raw.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return out
+
+    monkeypatch.setattr(PgDb, "execute", commit_then_drop)
+    with pytest.raises(StoreError, match="may or may not have been written"):
+        store.log_interaction(G, 1, ALICE, context=[
+            {"role": "user", "author_id": ALICE, "message_id": 9, "text": "once",
+             "created_utc": utc_now()}], reply="r", reply_message_id=10)
+    monkeypatch.setattr(PgDb, "execute", real)
+    assert count(store, "interactions") == 1  # written once, not retried into a twin
+    store.close()
+
+
+def test_a_write_during_a_server_outage_waits_for_the_server(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.db
+
+    store = open_store(pg_url, busy_timeout_ms=1000, write_retries=3)
+    store.grant_consent(G, ALICE)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    admin.execute("SELECT pg_terminate_backend(%s)", [store.db.raw.info.backend_pid])
+    admin.close()
+    real_connect, refused = psycopg.connect, []
+
+    def restarting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the server is restarting
+        if len(refused) < 2:
+            refused.append(1)
+            raise psycopg.OperationalError("connection refused")
+        return real_connect(*args, **kwargs)
+
+    waits: list[float] = []
+    monkeypatch.setattr(psycopg, "connect", restarting)
+    monkeypatch.setattr(storage.db.time, "sleep", waits.append)
+    assert store.update_guild_settings(G, persona="back").persona == "back"
+    assert len(refused) == 2 and len(waits) == 3 and sum(waits) > 1.0  # seconds, not ms
+    store.close()
+
+
+def test_a_read_on_a_dropped_connection_reconnects(pg_url: str) -> None:
+    store = open_store(pg_url)
+    store.grant_consent(G, ALICE)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    admin.execute("SELECT pg_terminate_backend(%s)", [store.db.raw.info.backend_pid])
+    admin.close()
+    assert store.has_consent(G, ALICE)  # no raw psycopg error reaches the caller
+    store.close()
+
+
+def test_a_forget_stands_when_its_vacuum_cannot_run(pg_url: str) -> None:
+    store = open_store(pg_url, busy_timeout_ms=100)
+    store.grant_consent(G, ALICE)
+    other = psycopg.connect(pg_url)  # an ANALYZE or CREATE INDEX CONCURRENTLY, say
+    other.execute("LOCK TABLE messages IN SHARE UPDATE EXCLUSIVE MODE")
+    try:
+        report = store.forget_user(ALICE, G)  # no error: the forget is committed
+        assert report.deleted["consents"] == 1 and not store.has_consent(G, ALICE)
+        assert store.checkpoint() is False  # the cleanup says it waits for autovacuum
+    finally:
+        other.rollback()
+        other.close()
+    assert store.checkpoint() is True
+    store.close()
+
+
+def test_a_runtime_role_without_create_opens_a_migrated_database(pg_url: str) -> None:
+    open_store(pg_url).close()  # migrated by the owner (guildtune init)
+    role = "gt_app_" + urlsplit(pg_url).path.lstrip("/")[-20:]  # roles are per server
+    admin = psycopg.connect(pg_url, autocommit=True)
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    admin.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    try:
+        store = open_store(pg_url.replace("//guildtune@", f"//{role}@"))
+        assert store.grant_consent(G, ALICE) and store.migrate() == []
+        store.close()
+    finally:
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
+        admin.close()
+
+
+def test_read_commands_create_no_tables_in_an_empty_database(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_file = write_config(tmp_path, storage={"url": pg_url})
+    assert run_cli(cfg_file, "export", "--user", "5") == 1
+    assert "no guildtune tables yet" in capsys.readouterr().err
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                            ).fetchone()[0] == 0
+
+
+def test_bools_and_nul_characters_are_stored_as_on_sqlite(pg_url: str) -> None:
+    store = open_store(pg_url)
+    store.grant_consent(G, ALICE)
+    assert store.update_guild_settings(G, persona="a\x00b").persona == "a\ufffdb"
+    run_id, _ = store.enqueue_run(G, "manual", requested_by=True)
+    assert store.get_run(run_id).requested_by == 1
+    assert redact_url("postgresql://u@h/d?sslpassword=a&password=b") == \
+        "postgresql://u@h/d?sslpassword=***&password=***"
+    store.close()
