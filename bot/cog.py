@@ -98,7 +98,12 @@ class GuildTuneCog(commands.Cog, name=COG_NAME):
         # that handed its own services in closes them itself.
         self._owner = owner
         self.core = Core(services)
-        self.watcher = AdapterWatcher(services, services_interval(services), self._admin_log)
+        # A shard process loads only its own guilds' adapters (a guild is cached by the time
+        # its first message arrives; one that joins later is picked up by the next poll).
+        self.watcher = AdapterWatcher(
+            services, services_interval(services), self._admin_log,
+            serves=(lambda g: bot.get_guild(g) is not None)
+            if isinstance(bot, commands.AutoShardedBot) else None)
         self._scheduler: Any | None = None  # the scheduler this Cog started (and stops)
 
     # -- lifecycle: what cog_load starts, cog_unload stops ------------------------------------

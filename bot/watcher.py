@@ -50,11 +50,16 @@ class AdapterWatcher:
     AdapterError, or anything unexpected) is logged and keeps its old version; the other guilds'
     swaps and deactivations in the same poll go on. ``_failed`` is the one home of the backoff
     rule: the same (guild, version) is not retried until storage names another version.
+
+    ``serves(guild_id)``, when given, says which guilds this process answers (a shard process:
+    the guilds on its shards); the others' versions are neither loaded nor kept.
     """
 
     def __init__(self, services: Services, interval: float = 5.0,
-                 notify: Callable[[int, str], Awaitable[None]] | None = None) -> None:
+                 notify: Callable[[int, str], Awaitable[None]] | None = None,
+                 serves: Callable[[int], bool] | None = None) -> None:
         self.s = services
+        self.serves = serves
         self.interval = interval
         self.notify = notify
         self._task: asyncio.Task[None] | None = None
@@ -97,6 +102,8 @@ class AdapterWatcher:
 
     async def _sync(self) -> list[str]:
         wanted = await asyncio.to_thread(self.s.store.active_versions)
+        if self.serves is not None:
+            wanted = {g: v for g, v in wanted.items() if self.serves(g)}
         serving = self.s.engine.active_versions()
         # Forget failures the store has moved on from: a version named again later is retried.
         self._failed = {g: v for g, v in self._failed.items() if g in wanted and

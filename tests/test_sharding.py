@@ -142,6 +142,19 @@ async def test_the_extension_loads_on_a_sharded_bot_and_never_syncs(sharded: Any
     assert bot.syncs == []  # not on start, not per shard: guildtune sync does it
 
 
+async def test_a_shard_process_loads_only_its_own_guilds_adapters(
+        sharded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    bot, services = sharded
+    mine, theirs = 1001, 2002  # a guild on this process's shards, one on another process's
+    for g in (mine, theirs):
+        services.store.register_version(g, 1, f"/adapters/{g}/1", base_model="tiny",
+                                        lora={}, activate=True)
+    monkeypatch.setattr(bot, "get_guild", lambda g: object() if g == mine else None)
+    cog = bot.get_cog(COG_NAME)
+    await cog.watcher.sync_once()
+    assert services.engine.active_versions() == {mine: 1}
+
+
 async def test_feedback_buttons_find_the_cog_on_a_sharded_bot(tmp_path: Path) -> None:
     """The persistent buttons reach the Cog through the client; an AutoShardedBot is not a
     commands.Bot, and a check for one alone made every click on a sharded bot fail."""
