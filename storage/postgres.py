@@ -291,13 +291,13 @@ def postgres_store_class(base: type) -> type:
 
         @contextmanager
         def _transaction(self, db: Any, serialize: bool | str = True) -> Iterator[None]:
-            db.execute("BEGIN")
+            # Writers exclusive, claims shared: a claim waits for every other write (so a forget
+            # sees a run claimed before it, and a claim sees a forget before it), while claims
+            # of several workers run side by side, kept apart by SKIP LOCKED. One round trip.
+            lock = "pg_advisory_xact_lock_shared" if serialize == "shared" else \
+                "pg_advisory_xact_lock"
             try:
-                # Writers exclusive, claims shared: a claim waits for every other write (so a
-                # forget sees a run claimed before it, and a claim sees a forget before it),
-                # while claims of several workers run side by side, kept apart by SKIP LOCKED.
-                db.execute("SELECT pg_advisory_xact_lock_shared(?)" if serialize == "shared"
-                           else "SELECT pg_advisory_xact_lock(?)", [WRITE_LOCK_KEY])
+                db.raw.execute(f"BEGIN; SELECT {lock}({int(WRITE_LOCK_KEY)})")
                 yield
             except BaseException:
                 if not _broken(db.raw) and db.in_transaction:
