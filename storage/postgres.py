@@ -11,9 +11,13 @@ marked "dialect" change here:
   (``pg_advisory_xact_lock``): writers are serialized exactly as SQLite's ``BEGIN IMMEDIATE``
   serializes them, so every check-then-write rule (consent gating, one open run and one active
   version per guild, forget in one transaction) holds with the same semantics; readers never
-  wait. The one exception is ``claim_run``, which takes the oldest queued run with
-  ``SELECT ... FOR UPDATE SKIP LOCKED``: two workers on two hosts never get the same run and
-  never wait on each other. ``busy_timeout_ms`` becomes ``lock_timeout``.
+  wait. The one exception is ``claim_run``: it holds the lock *shared* and takes the oldest
+  queued run with ``SELECT ... FOR UPDATE SKIP LOCKED``, so claims of workers on several hosts
+  run side by side and never get the same run, while any other write still excludes them (a
+  forget always sees a run claimed before it). ``busy_timeout_ms`` becomes ``lock_timeout``.
+  A connection lost while a COMMIT was under way is an error that says the write may have
+  been made (never retried into a twin); one lost before is retried on a new connection,
+  waiting seconds for a restarting server; a read outside a transaction is retried once.
 - **SQL**: ``?`` placeholders become psycopg's ``%s``; ``instr()`` is a SQL function created by
   the first migration; a stored-form time is matched with a regular expression instead of GLOB.
 - **After a forget**: ``VACUUM`` of the members' tables instead of SQLite's WAL checkpoint
