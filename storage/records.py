@@ -174,7 +174,8 @@ class RecordsMixin(StoreBase):
                 authors.add(row[3])
         cur.executemany(
             "INSERT INTO consents (guild_id, user_id, scope, granted_utc) "
-            "VALUES (?, ?, 'import', ?) ON CONFLICT DO NOTHING", [(guild_id, a, now) for a in sorted(authors)])
+            "VALUES (?, ?, 'import', ?) ON CONFLICT DO NOTHING",
+            [(guild_id, a, now) for a in sorted(authors)])
         if source is not None:
             cur.execute(
                 "INSERT INTO imports (guild_id, source_sha256, file_name, messages, stored, "

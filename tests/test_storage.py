@@ -111,7 +111,8 @@ def test_delete_and_edit_follow_discord(store: Store) -> None:
                                 reply="r", request_message_id=51, reply_message_id=52)
     assert store.edit_message(G, 50, "edited") == 2
     assert "edited" in store.get_interaction(G, res.interaction_id)["context_json"]
-    assert store._scalar("SELECT text FROM messages WHERE guild_id = ? AND message_id = ?", [G, 50]) == "edited"
+    assert store._scalar("SELECT text FROM messages WHERE guild_id = ? AND message_id = ?",
+                         [G, 50]) == "edited"
     store.delete_message(G, 50)
     assert count(store, "messages") == 0
     context = json.loads(store.get_interaction(G, res.interaction_id)["context_json"])
