@@ -109,8 +109,11 @@ def make_store(backend: str, tmp_path: Path,
 
 
 @pytest.fixture
-def cfg_file(tmp_path: Path) -> Path:
-    """A config file for the CLI: the tiny model, data in ``tmp_path/data``."""
+def cfg_file(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Path:
+    """A config file for the CLI: the tiny model, data in ``tmp_path/data`` (and the database
+    there, or in a fresh PostgreSQL database: see ``backend``)."""
+    if backend == "postgresql":
+        return write_config(tmp_path, TINY, storage={"url": request.getfixturevalue("pg_url")})
     return write_config(tmp_path, TINY)
 
 

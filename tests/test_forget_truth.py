@@ -18,6 +18,9 @@ from guildtune.config import parse_config
 from storage import PLACEHOLDER, ConsentChangedError, Store, open_store, utc_now
 from storage.times import format_utc, parse_utc
 from tests.fakes import STYLE_TRAINER, import_style, make_config
+
+# The store-level promises hold on PostgreSQL too (tests/conftest.py: ``backend``).
+pytestmark = pytest.mark.backends
 from trainer.data import build_dataset
 from trainer.scrub import scrub
 
@@ -319,9 +322,10 @@ def test_data_dir_database_and_backups_are_private_to_the_operator(tmp_path: Pat
 # -- the real pipeline: a forget lands in the middle of a fit -------------------------------------
 
 @pytest.fixture
-def pirate(tmp_path: Path):
-    cfg = make_config(tmp_path, STYLE_TRAINER, training={"epochs": 1.0})
-    store = open_store(cfg.db_path)
+def pirate(tmp_path: Path, store_url: Path | str):
+    cfg = make_config(tmp_path, STYLE_TRAINER, training={"epochs": 1.0},
+                      storage={"url": str(store_url)})
+    store = cfg.open_store()
     import_style(store, 1, "pirate", n=80, seed=1)
     yield cfg, store
     store.close()

@@ -17,6 +17,9 @@ from guildtune.schedule import purge_expired
 
 from tests.fakes import IRC, run_cli
 
+# Import, then the retention job: on SQLite and on PostgreSQL (tests/conftest.py: ``backend``).
+pytestmark = pytest.mark.backends
+
 G = 7
 
 
@@ -34,10 +37,10 @@ def write_jsonl(path: Path, n: int, *, time: str | None = "01:00", text: str = "
 
 
 def messages(cfg: Path, guild: int = G) -> list[dict]:
-    store = open_store(load_config(cfg).db_path)
+    store = load_config(cfg).open_store()
     try:
-        return list(store.db.query(
-            "SELECT * FROM messages WHERE guild_id = ? ORDER BY created_utc", [guild]))
+        return store._rows("SELECT * FROM messages WHERE guild_id = ? ORDER BY created_utc, "
+                           "message_id", [guild])
     finally:
         store.close()
 
@@ -45,7 +48,7 @@ def messages(cfg: Path, guild: int = G) -> list[dict]:
 def retention(cfg: Path) -> tuple[dict[str, int], dict[str, int]]:
     """The retention job both ways: the store verb and the scheduler's job function."""
     config = load_config(cfg)
-    store = open_store(config.db_path)
+    store = config.open_store()
     try:
         return store.purge_older_than(config.privacy.retention_days), purge_expired(store, config)
     finally:
@@ -123,7 +126,7 @@ def test_the_scheduler_job_deletes_an_old_dated_import(cfg_file: Path, tmp_path:
     assert run_cli(cfg_file, "import", "--guild", str(G),
                    str(write_jsonl(tmp_path / "new.jsonl", 2, time=recent, text="new"))) == 0
     config = load_config(cfg_file)
-    store = open_store(config.db_path)
+    store = config.open_store()
     try:
         assert purge_expired(store, config) == {"interactions": 0, "messages": 4}
     finally:
@@ -202,7 +205,7 @@ def test_two_files_of_one_community_both_survive(cfg_file: Path, tmp_path: Path,
     assert "imported 5 messages" in out and "imported 3 messages" in out
     texts = sorted(r["text"] for r in messages(cfg_file))
     assert texts == sorted([f"from a {i}" for i in range(5)] + [f"from b {i}" for i in range(3)])
-    store = open_store(load_config(cfg_file).db_path)
+    store = load_config(cfg_file).open_store()
     try:  # reply links stay inside their own file
         pairs = {(p["parent_text"], p["reply_text"]) for p in store.reply_pairs(G)}
     finally:
@@ -264,7 +267,7 @@ def test_a_forgotten_member_does_not_come_back_with_the_same_file(
 
 def test_an_import_never_replaces_a_live_message(cfg_file: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    store = open_store(load_config(cfg_file).db_path)
+    store = load_config(cfg_file).open_store()
     try:
         store.grant_consent(G, 11)
         assert store.log_message(G, 1001, 11, "the live text")
