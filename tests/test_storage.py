@@ -261,3 +261,19 @@ def test_import_messages_and_reply_pairs(store: Store) -> None:
     store.revoke_consent(G, ALICE)
     assert store.reply_pairs(G) == []  # revoked members' data no longer trains
     assert store.reply_pairs(H) == []
+
+
+def test_rows_stamped_in_one_millisecond_keep_their_order_on_every_backend(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.records
+    import storage.times
+
+    frozen = "2026-11-26T12:00:00.000Z"  # every row in the same millisecond
+    monkeypatch.setattr(storage.records, "utc_now", lambda: frozen)
+    monkeypatch.setattr(storage.times, "utc_now", lambda: frozen)
+    store.grant_consent(G, ALICE)
+    for i in range(30):
+        assert store.log_interaction(G, 5, ALICE, context=[], reply=f"r{i}",
+                                     reply_message_id=100 + i).stored
+    got = [r["reply"] for r in store.rated_interactions(G)]
+    assert got == [f"r{i}" for i in reversed(range(30))]  # newest first, as made
