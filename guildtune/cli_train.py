@@ -62,10 +62,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rollback)
 
 
-def _store(cfg: Config) -> Any:
-    return cfg.open_store()
-
-
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     """Foreground training: a progress bar on a terminal, else a progress line in the log on
     each phase change and every ~30 s (``guildtune.progress.ProgressLog``, through the
@@ -80,7 +76,7 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
         cfg = cfg.replace(model={"name": args.model})
     check_model_source(cfg.model.name)  # before a bar or a log line: the error is all there is
     console = Console(stderr=True)
-    store = _store(cfg)
+    store = cfg.open_store()
     train = functools.partial(train_foreground, store, cfg, args.guild, force=args.force,
                               skip_gate=args.skip_gate, model_name=args.model)
     try:
@@ -195,7 +191,7 @@ def cmd_worker(args: argparse.Namespace, cfg: Config) -> int:
     off = operator_block(cfg)
     if off is not None:
         log.warning("%s: queued runs will fail at once", off)
-    store = _store(cfg)
+    store = cfg.open_store()
     scheduler = None
     try:
         if not args.once:
@@ -226,7 +222,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     from guildtune.community import read_community, stable_hash
     from trainer.data import examples_from_messages, heldout_of, system_prompt
 
-    store = _store(cfg)
+    store = cfg.open_store()
     try:
         active = store.active_version(args.guild)
         system = system_prompt(store, args.guild, cfg.model.system_prompt)
@@ -280,7 +276,7 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     missing = no_database(cfg)
     if missing is not None:
         raise CommandError(f"{missing}; nothing to roll back")
-    store = _store(cfg)
+    store = cfg.open_store()
     try:
         before = store.active_version(args.guild)
         if before is None:

@@ -127,6 +127,8 @@ class StoreBase:
     backend = "sqlite"
     # dialect: the driver's errors a write may retry or explain (see ``_error_kind``)
     _db_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+    # dialect: what closing a connection may raise that ``close`` lets pass
+    _close_errors: tuple[type[BaseException], ...] = (sqlite3.ProgrammingError,)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
                  write_retries: int = 3) -> None:
@@ -218,7 +220,7 @@ class StoreBase:
             for conn in self._all:
                 try:
                     conn.close()
-                except sqlite3.ProgrammingError:  # closed from its own thread already
+                except self._close_errors:  # closed from its own thread already, or broken
                     pass
             self._all.clear()
         self._local = threading.local()
@@ -246,7 +248,7 @@ class StoreBase:
         """Fold the WAL into the database and truncate it, so deleted text does not stay in
         the -wal file. False when another connection's reader kept it from completing (the
         WAL is then reused, overwriting those frames, as writes go on)."""
-        if self.db.conn.in_transaction:
+        if self._joins_transaction():
             return False
         busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         if busy:

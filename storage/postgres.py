@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -81,6 +80,24 @@ class StoreUnavailableError(StoreError):
 
 class CommitUnknownError(StoreError):
     """The connection was lost while a COMMIT was on its way: it may have been applied."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line, for a one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _connect(url: str, **kwargs: Any) -> Any:
+    """A new psycopg connection to ``url``, or StoreUnavailableError saying why not (the
+    password left out). The scheme in lower case: libpq knows no other."""
+    psycopg = _psycopg()
+    scheme, sep, rest = url.partition("://")
+    try:
+        return psycopg.connect(scheme.lower() + sep + rest, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailableError(f"cannot connect to {redact_url(url)}: "
+                                    f"{redact_url(_first_line(exc))}") from None
 
 
 def _psycopg() -> Any:
@@ -196,20 +213,15 @@ def postgres_store_class(base: type) -> type:
         """All SQL of guildtune, on a PostgreSQL server. Safe to share between threads."""
 
         backend = "postgresql"
+        _close_errors = (Exception,)  # a connection the server dropped
 
         def __init__(self, url: str, *, busy_timeout_ms: int = 5000,
                      write_retries: int = 3) -> None:
             psycopg = _psycopg()
-            scheme, sep, rest = url.partition("://")
-            url = scheme.lower() + sep + rest  # libpq knows the scheme in lower case only
+            super().__init__(url, busy_timeout_ms=busy_timeout_ms, write_retries=write_retries)
             self.path = None  # type: ignore[assignment]  # no file: see ``where``
             self.url = url
             self.where = redact_url(url)
-            self.busy_timeout_ms = busy_timeout_ms
-            self.write_retries = write_retries
-            self._local = threading.local()
-            self._all: list[Any] = []
-            self._lock = threading.Lock()
             self._db_errors = (psycopg.Error, StoreUnavailableError, CommitUnknownError)
             self._errors = psycopg.errors
 
@@ -222,13 +234,7 @@ def postgres_store_class(base: type) -> type:
                 self._drop_connection()
                 db = None
             if db is None:
-                psycopg = _psycopg()
-                try:
-                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-                except psycopg.OperationalError as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    raise StoreUnavailableError(
-                        f"cannot connect to {self.where}: {redact_url(first)}") from None
+                conn = _connect(self.url, autocommit=True)
                 _adapt(conn)
                 conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
                 db = PgDb(conn, reopen=self._reopen)
@@ -252,16 +258,6 @@ def postgres_store_class(base: type) -> type:
                     db.raw.close()
                 except Exception:  # noqa: BLE001 - it is already broken
                     pass
-
-        def close(self) -> None:
-            with self._lock:
-                for conn in self._all:
-                    try:
-                        conn.close()
-                    except Exception:  # noqa: BLE001 - closing a broken connection
-                        pass
-                self._all.clear()
-            self._local = threading.local()
 
         # -- dialect -----------------------------------------------------------------------
 
@@ -360,7 +356,7 @@ def postgres_store_class(base: type) -> type:
                 db.raw.execute(f"VACUUM {', '.join(MEMBER_TABLES)}")
             except _psycopg().Error as exc:  # the forget is committed; only the cleanup waits
                 log.warning("VACUUM after a forget or purge did not run (%s); autovacuum "
-                            "removes the deleted rows later", str(exc).strip().splitlines()[0])
+                            "removes the deleted rows later", _first_line(exc))
                 return False
             finally:
                 db.raw.remove_notice_handler(notice)
@@ -380,16 +376,9 @@ def postgres_store_class(base: type) -> type:
 def has_store(url: str) -> bool:
     """Whether the database at ``url`` holds a guildtune store already (``open_store`` would
     create its tables otherwise). StoreUnavailableError when the server cannot be reached."""
-    psycopg = _psycopg()
-    scheme, sep, rest = url.partition("://")
-    try:
-        with psycopg.connect(scheme.lower() + sep + rest, connect_timeout=10) as conn:
-            return conn.execute("SELECT to_regclass('_sqlite_migrations')").fetchone()[0] \
-                is not None
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise StoreUnavailableError(f"cannot connect to {redact_url(url)}: "
-                                    f"{redact_url(first)}") from None
+    with _connect(url) as conn:
+        return conn.execute("SELECT to_regclass('_sqlite_migrations')").fetchone()[0] \
+            is not None
 
 
 def open_postgres(store_cls: type, url: str, *, busy_timeout_ms: int,
@@ -408,6 +397,6 @@ def open_postgres(store_cls: type, url: str, *, busy_timeout_ms: int,
                              "cannot migrate") from exc
     except psycopg.Error as exc:
         store.close()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise StoreError(f"{store.where} is not a usable guildtune database: {first}") from exc
+        raise StoreError(f"{store.where} is not a usable guildtune database: "
+                         f"{_first_line(exc)}") from exc
     return store

@@ -56,6 +56,14 @@ async def wait_for(out: io.StringIO, text: str, start: int = 0, timeout: float =
     raise AssertionError(f"{text!r} not in console output:\n{out.getvalue()[start:]}")
 
 
+async def scripted(console: Console, *lines: str) -> int:
+    """Run ``console`` with ``lines`` as its whole input (then end of input); its exit code."""
+    stdin = ScriptedStdin()
+    stdin.feed(*lines)
+    stdin.close()
+    return await console.run(stdin)
+
+
 async def test_console_chat_rate_retrain_and_new_version(tmp_path) -> None:
     engine = FakeEngine("hello human")
     s = make_services(tmp_path, engine=engine, training={"enabled": True})
@@ -110,10 +118,7 @@ async def test_console_chat_rate_retrain_and_new_version(tmp_path) -> None:
 async def test_console_ends_at_end_of_input(tmp_path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/rate +", "hello")
-    stdin.close()
-    assert await Console(s, "g", out=out).run(stdin) == 0
+    assert await scripted(Console(s, "g", out=out), "/rate +", "hello") == 0
     text = out.getvalue()
     assert "No reply to rate yet" in text and "not logged" in text
     s.store.close()
@@ -156,10 +161,7 @@ async def test_console_says_the_operators_training_is_off_and_how_to_turn_it_on(
         tmp_path: Path) -> None:
     s = make_services(tmp_path)  # training.enabled = false, the default
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/tune retrain")
-    stdin.close()
-    assert await Console(s, "g", out=out).run(stdin) == 0
+    assert await scripted(Console(s, "g", out=out), "/tune retrain") == 0
     lines = out.getvalue().splitlines()
     assert lines[1].startswith("Training: off. You are the operator here: set `enabled = "
                                "true` under [training]")
@@ -200,11 +202,8 @@ async def test_console_says_when_its_worker_died_and_does_not_wait_for_it(
         tmp_path: Path) -> None:
     s = make_services(tmp_path, training={"enabled": True})
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/tune training on", "/tune retrain", "/wait")
-    stdin.close()
     console = Console(s, "g", out=out, worker=DeadWorker(), log_path=tmp_path / "c.log")
-    assert await console.run(stdin) == 0
+    assert await scripted(console, "/tune training on", "/tune retrain", "/wait") == 0
     text = out.getvalue()
     assert f"Not waiting: the training worker stopped (exit code 3); its log: {tmp_path}" in text
     assert "[training] the training worker stopped (exit code 3)" in text
@@ -217,10 +216,7 @@ async def test_console_says_when_its_worker_died_and_does_not_wait_for_it(
 async def test_console_shows_a_named_guilds_id(tmp_path: Path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/tune status")
-    stdin.close()
-    await Console(s, "mytest", out=out).run(stdin)
+    await scripted(Console(s, "mytest", out=out), "/tune status")
     g = local_id("guild:mytest")
     lines = out.getvalue().splitlines()
     assert f"guild 'mytest' (id {g})" in lines[0]
@@ -232,11 +228,8 @@ async def test_console_guild_given_as_an_id_is_that_guild(tmp_path: Path) -> Non
     s = make_services(tmp_path, training={"enabled": True})
     import_pairs(s.store, 42, 5)  # as `guildtune import --guild 42` wrote it (training on)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/tune status", "/consent on")
-    stdin.close()
     console = Console(s, "42", out=out)
-    await console.run(stdin)
+    await scripted(console, "/tune status", "/consent on")
     assert console.guild_id == 42 and "guild 42 · /help" in out.getvalue()
     assert "Training: on" in out.getvalue()  # guild 42's own switch, not a fresh guild's
     assert s.store.has_consent(42, console.user_id)
@@ -249,11 +242,8 @@ async def test_console_guild_given_as_an_id_is_that_guild(tmp_path: Path) -> Non
 async def test_persona_without_text_shows_it_and_keeps_it(tmp_path: Path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("/tune persona Talk like a pirate.", "/tune persona")
-    stdin.close()
     console = Console(s, "g", out=out)
-    await console.run(stdin)
+    await scripted(console, "/tune persona Talk like a pirate.", "/tune persona")
     assert "This server's persona: “Talk like a pirate.”" in out.getvalue()
     assert s.store.guild_settings(console.guild_id).persona == "Talk like a pirate."
     s.store.close()
@@ -284,10 +274,7 @@ async def test_a_reply_cut_at_max_new_tokens_says_so(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, TINY, model={"max_new_tokens": 3, "temperature": 0.0})
     async with open_services(cfg) as s:  # the real tiny model: it never ends in 3 tokens
         out = io.StringIO()
-        stdin = ScriptedStdin()
-        stdin.feed("hello there")
-        stdin.close()
-        await Console(s, "g", out=out).run(stdin)
+        await scripted(Console(s, "g", out=out), "hello there")
     meta = [x for x in out.getvalue().splitlines() if x.startswith("  [")]
     assert meta and meta[0].startswith("  [… cut at model.max_new_tokens = 3 · base model")
 
@@ -299,10 +286,7 @@ async def test_the_console_marks_a_cut_reply_by_the_cogs_rule(tmp_path: Path) ->
     engine.cut = True
     s = make_services(tmp_path, engine=engine)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("hello")
-    stdin.close()
-    await Console(s, "g", out=out).run(stdin)
+    await scripted(Console(s, "g", out=out), "hello")
     lines = out.getvalue().splitlines()
     reply = next(x for x in lines if x.startswith("guildtune: "))
     assert reply == "guildtune: " + mark_cut("hello human")  # what a Discord member sees
@@ -349,10 +333,7 @@ async def test_a_swap_no_running_run_published_is_told_at_once(tmp_path: Path) -
 async def test_a_reply_that_ended_is_not_marked_cut(tmp_path: Path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("hello")
-    stdin.close()
-    await Console(s, "g", out=out).run(stdin)
+    await scripted(Console(s, "g", out=out), "hello")
     assert "  [base model · " in out.getvalue() and "cut at" not in out.getvalue()
     s.store.close()
 
@@ -400,9 +381,7 @@ async def test_a_terminal_gets_a_prompt_and_lines_that_arrive_go_above_it(
 async def test_a_scripts_lines_are_echoed_after_the_prompt(tmp_path: Path) -> None:
     s = make_services(tmp_path)
     out = io.StringIO()
-    stdin = ScriptedStdin()
-    stdin.feed("hi bot", "/quit")
-    await Console(s, "g", out=out).run(stdin)
+    await scripted(Console(s, "g", out=out), "hi bot", "/quit")
     lines = out.getvalue().splitlines()
     assert lines[lines.index(f"{PROMPT}hi bot") + 1] == "guildtune is typing…"
     s.store.close()
